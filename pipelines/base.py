@@ -1,0 +1,80 @@
+"""The loader contract every backend implements.
+
+Every backend yields ``(images, labels)``:
+
+* ``images``: ``torch.uint8``, shape ``(B, 3, H, W)``, channels-last memory
+  (``images.is_contiguous(memory_format=torch.channels_last)``), on the training device;
+* ``labels``: ``torch.int64``, shape ``(B,)``, on the same device.
+
+Normalisation, dtype casts and the teacher's own mean/std happen on the device inside the FD step,
+so every backend hands over the same raw pixels. ``len(loader)`` is the number of batches per epoch
+and is equal on every rank. ``set_epoch(epoch, start_batch)`` fixes the order of the next pass from
+``(seed, epoch)`` alone and skips its first ``start_batch`` batches (exact mid-epoch resume).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Protocol, runtime_checkable
+
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Distillation / fine-tune RandomResizedCrop ranges (torchvision defaults, used by FD).
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """What the trainer asks of a backend; built from DataConfig by ``pipelines.build_loader``."""
+
+    path: str                 # ImageFolder dir or .beton (empty for synthetic)
+    train: bool               # True: random-resized-crop + flip, shuffled, drop_last; False: resize + center crop
+    batch_size: int           # per rank
+    img_size: int             # output H = W
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    num_workers: int = 4
+    prefetch: int = 2
+    min_scale: float = 0.08
+    max_scale: float = 1.0
+    interpolation: str = "bilinear"
+    eval_resize: int = 256
+    num_classes: int = 1000
+    synthetic_size: int = 4096
+    auto_augment: str | None = None   # timm RandAugment spec, or None
+    ffcv_order: str = "random"
+    ffcv_os_cache: bool = True
+    dali_hw_decoder_load: float = 0.65
+
+
+@runtime_checkable
+class Loader(Protocol):
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def __len__(self) -> int: ...
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...
+
+    @property
+    def num_samples(self) -> int:
+        """Images in the whole dataset (all ranks)."""
+        ...
+
+
+class MissingDependency(ImportError):
+    """Raised when an optional backend's library is not installed; says how to install it."""
+
+
+def check_batch(images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Assert the contract on one batch (used by tests and the benchmark)."""
+    assert images.dtype == torch.uint8, images.dtype
+    assert images.dim() == 4 and images.shape[1] == 3, tuple(images.shape)
+    assert images.is_contiguous(memory_format=torch.channels_last), "images must be channels-last"
+    assert labels.dtype == torch.int64 and labels.shape == (images.shape[0],), (labels.dtype, labels.shape)
+    assert labels.device == images.device
