@@ -97,6 +97,8 @@ class DataConfig:
     """Number of classes (synthetic labels; fine-tune head)."""
     synthetic_size: int = 4096
     """Images per epoch of the synthetic backend."""
+    generate_if_missing: bool = False
+    """Write a small synthetic JPEG ImageFolder at data.train / data.val when missing (demo runs)."""
     min_scale: float = 0.08
     """RandomResizedCrop lower scale bound."""
     max_scale: float = 1.0

@@ -1,0 +1,39 @@
+"""The FD objective as pure tensor functions (official ``models/feature_distillation.py``).
+
+target = LayerNorm_nonaffine(teacher_final_norm_tokens)      (eps 1e-5: "whitening")
+loss   = mean_{b,n,c} SmoothL1_beta(student_proj_tokens - target), beta = 2
+
+Both run in fp32 whatever the autocast dtype, as layer_norm and smooth_l1 do under the official
+fp16 autocast.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (B,3,H,W) pixels -> float32 ``(x/255 - mean) / std``, keeping the memory format.
+
+    Equal, up to fp32 rounding, to ToTensor + Normalize of the official pipeline (and, for CLIP
+    teachers, to its ImageNet -> CLIP re-normalisation of the same pixels).
+    """
+    m = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    s = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    return (images.float() - m) / s
+
+
+def whiten(features: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Per-token, parameter-free LayerNorm over channels (``nn.LayerNorm(D, elementwise_affine=False)``)."""
+    features = features.float()
+    return F.layer_norm(features, features.shape[-1:], eps=eps)
+
+
+def fd_loss(pred: torch.Tensor, target: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
+    """SmoothL1 (beta) averaged over batch x tokens x channels; index-aligned tokens (CLS included)."""
+    if pred.shape != target.shape:
+        raise ValueError(f"student tokens {tuple(pred.shape)} and teacher tokens {tuple(target.shape)} "
+                         "differ: student and teacher must produce the same token grid")
+    return F.smooth_l1_loss(pred.float(), target.float(), beta=beta)

@@ -1,0 +1,140 @@
+"""Parameter groups (no-weight-decay rules, layer-wise LR decay), AdamW / LARS, LR schedule.
+
+Rules follow the official ``optimizer.py`` (spec §1.7, §2.3):
+
+* no weight decay for 1-D parameters (norms, biases, layer scale, q/v bias, logit_scale), names
+  ending in ``.bias``, ``cls_token``, ``pos_embed``, ``absolute_pos_embed``, and for Swin any name
+  containing ``rpe_mlp``/``cpb_mlp``, ``logit_scale`` or ``relative_position_bias_table``;
+* the ViT relative position bias table **is** decayed by the official code (it is 2-D and ViT has no
+  keyword list); ``optim.decay_rel_pos_bias=false`` excludes it as BEiT and timm do;
+* layer decay (fine-tuning): scale ``decay ** (G - 1 - layer_id)`` with G = depth + 2.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from .config import OptimConfig, StudentConfig
+
+SWIN_NO_DECAY_KEYWORDS = ("rpe_mlp", "cpb_mlp", "logit_scale", "relative_position_bias_table")
+NO_DECAY_NAMES = ("cls_token", "pos_embed", "absolute_pos_embed", "mask_token")
+
+
+def _strip(name: str) -> str:
+    for prefix in ("module.", "_orig_mod.", "encoder."):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    return name
+
+
+def is_no_decay(name: str, param: torch.Tensor, arch: str, decay_rel_pos_bias: bool = True) -> bool:
+    bare = _strip(name)
+    if param.ndim <= 1 or name.endswith(".bias") or bare in NO_DECAY_NAMES:
+        return True
+    if arch == "swinv2" and any(k in name for k in SWIN_NO_DECAY_KEYWORDS):
+        return True
+    if arch == "beit" and not decay_rel_pos_bias and "relative_position_bias_table" in name:
+        return True
+    return False
+
+
+def layer_id(name: str, arch: str, num_layers: int, depths: Iterable[int] = ()) -> int:
+    """Layer index for layer-wise LR decay; ``num_layers`` = G (ViT: depth + 2, Swin: sum + 2).
+
+    ViT: cls_token / mask_token / pos_embed / patch_embed -> 0, blocks.k -> k + 1, the rest -> G - 1.
+    Swin (official mapping, not timm's stage-start grouping): patch_embed -> 0, block b of stage s ->
+    sum(depths[:s]) + b + 1; the downsample that ends stage s (timm: ``layers.{s+1}.downsample``)
+    -> sum(depths[:s+1]), i.e. with the last block of stage s; norm / head -> G - 1.
+    """
+    n = _strip(name)
+    if arch == "beit":
+        if n in ("cls_token", "mask_token", "pos_embed") or n.startswith("patch_embed"):
+            return 0
+        if n.startswith("blocks."):
+            return int(n.split(".")[1]) + 1
+        return num_layers - 1
+    depths = list(depths)
+    if n.startswith(("patch_embed", "absolute_pos_embed")):
+        return 0
+    if n.startswith("layers."):
+        parts = n.split(".")
+        stage = int(parts[1])
+        if parts[2] == "downsample":  # timm keeps stage s's merge at the start of stage s + 1
+            return sum(depths[:stage])
+        if parts[2] == "blocks":
+            return sum(depths[:stage]) + int(parts[3]) + 1
+    return num_layers - 1
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig, student: StudentConfig) -> list[dict]:
+    """Groups with ``weight_decay`` and ``lr_scale``; frozen parameters are left out."""
+    arch = student.arch
+    decay_on = cfg.layer_decay < 1.0
+    if arch == "beit":
+        num_layers = student.depth + 2
+    else:
+        num_layers = sum(student.depths) + 2
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_wd = is_no_decay(name, p, arch, cfg.decay_rel_pos_bias)
+        lid = layer_id(name, arch, num_layers, student.depths) if decay_on else num_layers - 1
+        key = (lid, no_wd)
+        if key not in groups:
+            groups[key] = {"params": [], "names": [], "weight_decay": 0.0 if no_wd else cfg.weight_decay,
+                           "lr_scale": cfg.layer_decay ** (num_layers - 1 - lid) if decay_on else 1.0}
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    # decayed group first, as the official (decay, no-decay) order; stable for checkpoints
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], k[1]))]
+
+
+def build_optimizer(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+    if cfg.optimizer == "lars":
+        from timm.optim import Lars  # noqa: PLC0415
+        return Lars(clean, lr=0.0, momentum=0.9, weight_decay=cfg.weight_decay, trust_clip=False)
+    fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
+    return torch.optim.AdamW(clean, lr=0.0, betas=tuple(cfg.betas), eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, fused=fused or None)
+
+
+def scaled_lrs(cfg: OptimConfig, total_batch: int) -> tuple[float, float, float]:
+    """(peak, warm-up start, min) LR: the per-512 values times total_batch / 512 (official
+    ``main_fd.py``: batch per GPU x world size, then x accumulation steps)."""
+    f = total_batch / 512.0
+    return cfg.base_lr * f, cfg.warmup_lr * f, cfg.min_lr * f
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, warmup_lr: float, min_lr: float) -> float:
+    """timm 0.4.12 ``CosineLRScheduler`` per iteration with ``warmup_prefix=True``, ``cycle_limit=1``:
+    linear from ``warmup_lr`` to ``peak`` over ``warmup_steps``, then a half cosine to ``min_lr``
+    over the remaining ``total_steps - warmup_steps``; ``min_lr`` afterwards."""
+    if step < warmup_steps:
+        return warmup_lr + step * (peak - warmup_lr) / warmup_steps
+    t = step - warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    if t >= span:
+        return min_lr
+    return min_lr + 0.5 * (peak - min_lr) * (1.0 + math.cos(math.pi * t / span))
+
+
+class Schedule:
+    """LR per parameter group at an optimizer step. Layer decay multiplies only the peak: every group
+    warms up from the same ``warmup_lr`` and ends at the same ``min_lr`` (timm scheduler semantics,
+    spec pitfall 14)."""
+
+    def __init__(self, cfg: OptimConfig, total_batch: int, steps_per_epoch: int, epochs: int,
+                 lr_scales: list[float]):
+        self.peak, self.warmup_lr, self.min_lr = scaled_lrs(cfg, total_batch)
+        self.total_steps = steps_per_epoch * epochs
+        self.warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
+        self.lr_scales = lr_scales
+
+    def __call__(self, step: int) -> list[float]:
+        return [lr_at(step, self.total_steps, self.warmup_steps, self.peak * s, self.warmup_lr, self.min_lr)
+                for s in self.lr_scales]
