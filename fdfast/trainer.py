@@ -44,6 +44,7 @@ class Task:
     groups: list[dict]
     evaluate: Optional[Callable[[], dict]] = None
     extra_state: dict = field(default_factory=dict)
+    teacher: Optional[nn.Module] = None  # frozen, outside DDP and the optimizer
 
 
 def seed_all(seed: int) -> None:
@@ -96,7 +97,7 @@ def build_distill_task(cfg: FDConfig, info: DistInfo) -> Task:
     run = wrap_for_training(model, cfg, info)
     target_fn = build_target_fn(teacher, cfg, info.device)
     return Task(model=model, train_model=run, loss_fn=distill_loss_fn(run, target_fn, cfg.model.loss_beta),
-                groups=groups)
+                groups=groups, teacher=teacher)
 
 
 def build_task(cfg: FDConfig, info: DistInfo) -> Task:
@@ -136,8 +137,10 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def train(cfg: FDConfig, info: Optional[DistInfo] = None) -> dict[str, Any]:
-    """Run (or resume) the configured task; returns a summary dict."""
+def train(cfg: FDConfig, info: Optional[DistInfo] = None,
+          on_end: Optional[Callable[[Task], None]] = None) -> dict[str, Any]:
+    """Run (or resume) the configured task; returns a summary dict. ``on_end(task)`` is called on
+    every rank after the final checkpoint (tests use it to compare ranks' in-memory weights)."""
     info = info or init_distributed()
     out = Path(cfg.train.output_dir)
     precision = resolve_precision(cfg.train.precision, info.device)
@@ -262,6 +265,8 @@ def train(cfg: FDConfig, info: Optional[DistInfo] = None) -> dict[str, Any]:
         save(step)
     finally:
         progress.close()
+    if on_end is not None:
+        on_end(task)
     summary = {"step": step, "loss": last_loss, "best": best, "output_dir": str(out),
                "seconds": time.perf_counter() - t_start}
     if info.is_main:

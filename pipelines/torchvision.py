@@ -127,7 +127,10 @@ class TorchvisionLoader:
         self.loader = DataLoader(
             self.dataset, batch_size=spec.batch_size, sampler=self.sampler, num_workers=workers,
             pin_memory=spec.device.type == "cuda", drop_last=spec.train,
-            persistent_workers=workers > 0, prefetch_factor=spec.prefetch if workers > 0 else None)
+            persistent_workers=workers > 0, prefetch_factor=spec.prefetch if workers > 0 else None,
+            # DataLoader draws a worker base seed per iterator; from the global RNG that would shift
+            # the training RNG stream (drop path) depending on where an epoch was resumed.
+            generator=torch.Generator().manual_seed(spec.seed))
 
     @property
     def num_samples(self) -> int:

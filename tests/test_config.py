@@ -1,0 +1,90 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fdfast.config import ConfigError, FDConfig, dump_config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+PRETRAIN = ROOT / "configs" / "pretrain"
+
+
+def test_unknown_key_names_key_and_nearest(tmp_path):
+    with pytest.raises(ConfigError, match=r"optim\.bas_lr.*did you mean 'optim\.base_lr'"):
+        load_config(None, ["optim.bas_lr=1e-3"])
+    f = tmp_path / "c.yaml"
+    f.write_text("trian:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"'trian'.*did you mean 'train'"):
+        load_config(f)
+
+
+def test_bad_type_and_bad_choice():
+    with pytest.raises(ConfigError, match=r"train\.epochs: expected an integer"):
+        load_config(None, ["train.epochs=ten"])
+    with pytest.raises(ConfigError, match=r"model\.teacher\.kind: 'clp'.*did you mean 'clip'"):
+        load_config(None, ["model.teacher.kind=clp"])
+    with pytest.raises(ConfigError, match=r"train\.compile: expected true/false"):
+        load_config(None, ["train.compile=3"])
+
+
+def test_impossible_combinations():
+    with pytest.raises(ConfigError, match="needs model.student.arch='swinv2'"):
+        load_config(None, ["model.teacher.kind=esvit"])
+    with pytest.raises(ConfigError, match="not a multiple of patch_size"):
+        load_config(None, ["model.student.img_size=100"])
+    with pytest.raises(ConfigError, match=r"data\.backend='ffcv' reads \.beton"):
+        load_config(None, ["data.backend=ffcv", "data.train=imagenet/train"])
+
+
+def test_overrides_parse_yaml_values_and_round_trip(tmp_path):
+    cfg = load_config(PRETRAIN / "demo_cpu.yaml", ["optim.betas=[0.9, 0.95]", "optim.clip_grad=null",
+                                                   "train.max_steps=7"])
+    assert cfg.optim.betas == [0.9, 0.95] and cfg.optim.clip_grad is None and cfg.train.max_steps == 7
+    dump_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml")
+    assert again == cfg
+
+
+def test_cli_exits_nonzero_naming_the_key():
+    r = subprocess.run([sys.executable, "-m", "fdfast.cli.train", "-c", str(PRETRAIN / "demo_cpu.yaml"),
+                        "--set", "train.epoch=3"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2
+    assert "train.epoch" in r.stderr and "train.epochs" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+# spec §1.7: (drop path, epochs, warmup, base / warmup / min LR, min_scale)
+SPEC = {
+    "fd_clip_vit_base_100ep": (0.1, 100, 10, 3e-4, 5e-7, 5e-6, 0.67),
+    "fd_clip_vit_base_300ep": (0.2, 300, 10, 3e-4, 5e-7, 5e-6, 0.08),
+    "fd_clip_vit_large_300ep": (0.3, 300, 10, 3e-4, 5e-7, 5e-6, 0.08),
+    "fd_dino_vit_base_300ep": (0.3, 300, 10, 3e-4, 5e-7, 5e-6, 0.08),
+    "fd_deit_vit_base_300ep": (0.3, 300, 10, 3e-4, 5e-7, 5e-6, 0.08),
+    "fd_esvit_swin_base_300ep": (0.3, 300, 10, 2e-4, 1e-6, 1e-5, 0.08),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPEC))
+def test_pretrain_configs_match_spec(name):
+    cfg: FDConfig = load_config(PRETRAIN / f"{name}.yaml")
+    dpr, epochs, warmup, lr, wlr, mlr, min_scale = SPEC[name]
+    assert cfg.model.student.drop_path == dpr
+    assert (cfg.train.epochs, cfg.optim.warmup_epochs) == (epochs, warmup)
+    assert (cfg.optim.base_lr, cfg.optim.warmup_lr, cfg.optim.min_lr) == (lr, wlr, mlr)
+    assert cfg.data.min_scale == min_scale and cfg.data.max_scale == 1.0
+    assert cfg.optim.weight_decay == 0.05 and cfg.optim.clip_grad == 3.0
+    assert cfg.train.batch_size == 128 and cfg.model.student.img_size == 224
+    assert cfg.data.interpolation == "bilinear" and cfg.model.loss_beta == 2.0
+    if "large" in name:
+        s = cfg.model.student
+        assert (s.patch_size, s.embed_dim, s.depth, s.num_heads) == (14, 1024, 24, 16)
+    if "esvit" in name:
+        assert cfg.model.student.arch == "swinv2" and cfg.model.student.window_size == 14
+        assert cfg.model.teacher.model_kwargs == {"window_size": 14}
+
+
+def test_resolved_config_yaml_is_plain():
+    data = yaml.safe_load(yaml.safe_dump(__import__("dataclasses").asdict(load_config(None))))
+    assert data["train"]["task"] == "distill"

@@ -1,0 +1,79 @@
+import math
+
+import pytest
+import torch
+
+from fdfast.config import OptimConfig, StudentConfig
+from fdfast.models.student import DistillModel
+from fdfast.optim import Schedule, lr_at, param_groups, scaled_lrs
+
+
+def test_lr_scaling_per_512():
+    cfg = OptimConfig(base_lr=3e-4, warmup_lr=5e-7, min_lr=5e-6)
+    peak, warm, low = scaled_lrs(cfg, total_batch=128 * 16)
+    assert (peak, warm, low) == pytest.approx((1.2e-3, 2e-6, 2e-5))
+
+
+def test_schedule_values():
+    # 10 steps/epoch, 100 epochs, 10 warm-up epochs
+    total, warm, peak, w0, low = 1000, 100, 1.2e-3, 2e-6, 2e-5
+    assert lr_at(0, total, warm, peak, w0, low) == pytest.approx(w0)
+    assert lr_at(50, total, warm, peak, w0, low) == pytest.approx((w0 + peak) / 2)
+    assert lr_at(100, total, warm, peak, w0, low) == pytest.approx(peak)          # warm-up end
+    assert lr_at(550, total, warm, peak, w0, low) == pytest.approx((peak + low) / 2)  # cosine midpoint
+    assert lr_at(999, total, warm, peak, w0, low) == pytest.approx(low, rel=1e-3)
+    assert lr_at(1000, total, warm, peak, w0, low) == pytest.approx(low)
+
+
+def test_schedule_matches_timm_cosine_scheduler():
+    from timm.scheduler import CosineLRScheduler
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.2e-3)
+    total, warm = 200, 20
+    sched = CosineLRScheduler(opt, t_initial=total - warm, lr_min=2e-5, warmup_lr_init=2e-6, warmup_t=warm,
+                              cycle_limit=1, t_in_epochs=False, warmup_prefix=True)
+    for t in (0, 7, 20, 21, 110, 199):
+        sched.step_update(t)
+        assert opt.param_groups[0]["lr"] == pytest.approx(lr_at(t, total, warm, 1.2e-3, 2e-6, 2e-5))
+
+
+def test_layer_decay_scales_only_the_peak():
+    cfg = OptimConfig(base_lr=512e-3, warmup_lr=512e-6, min_lr=512e-5, warmup_epochs=1)
+    s = Schedule(cfg, 512, steps_per_epoch=10, epochs=10, lr_scales=[0.5, 1.0])
+    assert s(0) == pytest.approx([0.512e-3, 0.512e-3])  # both groups start at warmup_lr
+    assert s(10) == pytest.approx([0.5 * 0.512, 0.512])
+    assert s(100) == pytest.approx([5.12e-3, 5.12e-3])
+
+
+def _names(groups, wd):
+    return {n for g in groups if (g["weight_decay"] > 0) == wd for n in g["names"]}
+
+
+def test_no_weight_decay_rules_vit():
+    s = StudentConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    model = DistillModel(s, 48)
+    groups = param_groups(model, OptimConfig(), s)
+    no_wd = _names(groups, wd=False)
+    wd = _names(groups, wd=True)
+    assert "encoder.cls_token" in no_wd
+    assert {"encoder.blocks.0.gamma_1", "encoder.blocks.0.attn.q_bias", "encoder.blocks.0.attn.v_bias",
+            "encoder.blocks.0.norm1.weight", "encoder.norm.bias", "decoder.bias"} <= no_wd
+    # the official code decays the shared RPB table (2-D, no keyword list for ViT) and the projector
+    assert {"encoder.rel_pos_bias.relative_position_bias_table", "decoder.weight",
+            "encoder.patch_embed.proj.weight", "encoder.blocks.1.mlp.fc1.weight"} <= wd
+    groups = param_groups(model, OptimConfig(decay_rel_pos_bias=False), s)
+    assert "encoder.rel_pos_bias.relative_position_bias_table" in _names(groups, wd=False)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_no_weight_decay_rules_swin():
+    s = StudentConfig(arch="swinv2", img_size=32, patch_size=2, embed_dim=16, depths=[2, 2], heads=[2, 4],
+                      window_size=4)
+    model = DistillModel(s, 48)
+    groups = param_groups(model, OptimConfig(), s)
+    no_wd, wd = _names(groups, wd=False), _names(groups, wd=True)
+    assert any("cpb_mlp" in n and n.endswith("weight") for n in no_wd)  # 2-D but keyword-excluded
+    assert any("logit_scale" in n for n in no_wd)
+    assert not any("cpb_mlp" in n or "logit_scale" in n for n in wd)
+    assert "encoder.layers.0.blocks.0.attn.qkv.weight" in wd
+    assert math.isclose(groups[0]["lr_scale"], 1.0)
