@@ -1,0 +1,176 @@
+"""fdfast-export: fdfast training checkpoint -> timm folder / official FD file, and its error handling."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fdfast.cli.export import main
+from fdfast.config import config_from_dict, to_dict
+from fdfast.models import interop as I
+
+BEIT = dict(arch="beit", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+SWIN = dict(arch="swinv2", img_size=32, patch_size=2, embed_dim=16, depths=[2, 2], heads=[2, 4], window_size=4)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def perturbed(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * (1.0 if "relative_position_bias_table" in name else 0.1))
+    return model.eval()
+
+
+def images(n=2, size=32):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(7))
+
+
+def write_fdfast_checkpoint(run: Path, student: nn.Module, projector, fields: dict, *, task="distill",
+                            num_classes=0, step=20) -> Path:
+    """A checkpoint as fdfast-train writes it, with the config resolved through fdfast.config."""
+    teacher = {"kind": "esvit"} if fields["arch"] == "swinv2" else {}
+    cfg = config_from_dict({"model": {"student": {**fields, "num_classes": num_classes}, "teacher": teacher},
+                            "train": {"task": task}})
+    folder = run / "checkpoints" / f"step_{step:08d}"
+    folder.mkdir(parents=True)
+    state = {"format": "fdfast-train", "version": 1, "student": student.state_dict(),
+             "projector": projector.state_dict() if projector is not None else None,
+             "optimizer": {"state": {}, "param_groups": []}, "step": step, "config": to_dict(cfg)}
+    if projector is None:
+        del state["projector"]
+    torch.save(state, folder / "state.pt")
+    return folder
+
+
+@pytest.fixture
+def vit_run(tmp_path):
+    student = perturbed(I.build_timm_student_from_fields(BEIT))
+    projector = nn.Linear(32, 48)
+    folder = write_fdfast_checkpoint(tmp_path / "run", student, projector, BEIT)
+    return folder, student, projector
+
+
+@torch.no_grad()
+def test_timm_export_of_a_distilled_vit(vit_run, tmp_path, capsys):
+    folder, student, _ = vit_run
+    out = tmp_path / "exported"
+    assert main([str(folder), "--format", "timm", "--out", str(out)]) == 0
+    assert str(out / "model.safetensors") in capsys.readouterr().out
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert model.rel_pos_bias is not None  # the distillation architecture, shared bias and final norm
+    x = images()
+    assert torch.equal(model.forward_features(x), student.forward_features(x))
+
+
+@torch.no_grad()
+def test_finetune_layout_loads_into_a_stock_timm_beit(vit_run, tmp_path):
+    folder, student, _ = vit_run
+    out = tmp_path / "ft_layout"
+    assert main([str(folder), "--format", "timm", "--out", str(out), "--finetune-layout", "-q"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_args"]["use_rel_pos_bias"] and not cfg["model_args"]["use_shared_rel_pos_bias"]
+    # a stock fine-tune BEiT with a new 10-class head, as timm's train.py would build it
+    model = timm.create_model("beit_base_patch16_224", pretrained=True, num_classes=10,
+                              pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")),
+                              **{k: v for k, v in cfg["model_args"].items() if k != "num_classes"}).eval()
+    x = images()
+    got = F.layer_norm(model.forward_features(x), (32,), student.norm.weight, student.norm.bias, eps=1e-6)
+    assert torch.allclose(got, student.forward_features(x), atol=1e-5)
+
+
+@torch.no_grad()
+def test_official_export_of_a_distilled_vit(vit_run, tmp_path):
+    folder, student, projector = vit_run
+    out = tmp_path / "fd_official.pth"
+    assert main([str(folder / "state.pt"), "--format", "official", "--out", str(out)]) == 0
+    obj = torch.load(out, weights_only=True)  # plain data: no yacs needed by anyone
+    assert torch.equal(obj["model"]["decoder.0.weight"], projector.weight.unsqueeze(-1))
+    assert obj["fdfast"]["step"] == 20 and obj["fdfast"]["student"]["embed_dim"] == 32
+    again = perturbed(I.build_timm_student_from_fields(BEIT), seed=3)
+    I.load_student_weights(again, out, expected_missing=())
+    x = images()
+    assert torch.equal(again.forward_features(x), student.forward_features(x))
+
+
+@torch.no_grad()
+def test_swin_exports_both_formats(tmp_path):
+    student = perturbed(I.build_timm_student_from_fields(SWIN))
+    folder = write_fdfast_checkpoint(tmp_path / "run", student, nn.Linear(32, 64), SWIN)
+    assert main([str(folder), "--format", "official", "--out", str(tmp_path / "s.pth"), "-q"]) == 0
+    assert main([str(folder), "--format", "timm", "--out", str(tmp_path / "s_timm"), "-q"]) == 0
+    raw = torch.load(tmp_path / "s.pth", weights_only=True)["model"]
+    assert "encoder.layers.0.downsample.reduction.weight" in raw and raw["decoder.0.weight"].shape == (64, 32, 1)
+    x = images()
+    want = student.forward_features(x)
+    fresh = perturbed(I.build_timm_student_from_fields(SWIN), seed=1)
+    I.load_student_weights(fresh, tmp_path / "s.pth", expected_missing=())
+    assert torch.equal(fresh.forward_features(x), want)
+    model = timm.create_model(f"local-dir:{tmp_path / 's_timm'}", pretrained=True).eval()
+    assert torch.equal(model.forward_features(x), want)
+    assert json.loads((tmp_path / "s_timm" / "config.json").read_text())["architecture"].startswith("swinv2_")
+
+
+@torch.no_grad()
+def test_finetuned_checkpoint_exports_to_timm_only(tmp_path, capsys):
+    fields = dict(BEIT)
+    ft = perturbed(I.build_timm_student_from_fields(fields, num_classes=5, finetune=True))
+    folder = write_fdfast_checkpoint(tmp_path / "run", ft, None, fields, task="finetune", num_classes=5)
+    out = tmp_path / "ft.safetensors"
+    assert main([str(folder), "--format", "timm", "--out", str(out), "--model-name", "beit_base_patch16_224"]) == 0
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    model = timm.create_model("beit_base_patch16_224", checkpoint_path=str(out), **cfg["model_args"]).eval()
+    x = images()
+    assert torch.equal(model(x), ft(x))
+
+    assert main([str(folder), "--format", "official", "--out", str(tmp_path / "o.pth")]) == 1
+    err = capsys.readouterr().err
+    assert "fine-tuned student" in err and "--format timm" in err and "Traceback" not in err
+    assert not (tmp_path / "o.pth").exists()
+
+
+def test_bad_inputs_exit_non_zero_with_a_message(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    assert main([str(missing), "--format", "timm", "--out", str(tmp_path / "o")]) == 1
+    assert f"{missing}: no such file" in capsys.readouterr().err
+
+    plain = tmp_path / "plain.pth"
+    torch.save(I.build_timm_student_from_fields(BEIT).state_dict(), plain)
+    assert main([str(plain), "--format", "timm", "--out", str(tmp_path / "o")]) == 1
+    assert "not an fdfast training checkpoint" in capsys.readouterr().err
+
+    # a config without the architecture fields cannot rebuild the student
+    folder = tmp_path / "step_00000001"
+    folder.mkdir()
+    torch.save({"format": "fdfast-train", "version": 1, "student": {"cls_token": torch.zeros(1, 1, 32)},
+                "config": {"model": {"student": {"arch": "beit", "img_size": 32}}}}, folder / "state.pt")
+    assert main([str(folder), "--format", "timm", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "model.student.patch_size" in err and "model.student.num_heads" in err
+
+    # weights that do not match the config's architecture
+    student = I.build_timm_student_from_fields({**BEIT, "embed_dim": 48, "num_heads": 3})
+    folder = write_fdfast_checkpoint(tmp_path / "run2", student, nn.Linear(48, 8), BEIT)
+    assert main([str(folder), "--format", "official", "--out", str(tmp_path / "o.pth")]) == 1
+    err = capsys.readouterr().err
+    assert "patch_embed.proj.weight: file (48, 3, 8, 8) vs model (32, 3, 8, 8)" in err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.pth").exists()
+
+    with pytest.raises(SystemExit) as e:  # argparse usage errors keep argparse's exit code
+        main([str(folder), "--format", "onnx", "--out", "x"])
+    assert e.value.code == 2
+
+
+def test_module_entry_point_runs_without_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-m", "fdfast.cli.export", str(tmp_path / "missing"), "--format", "timm",
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 1 and "fdfast-export: error:" in r.stderr and "Traceback" not in r.stderr
