@@ -11,7 +11,7 @@ _console = Console(stderr=False, highlight=False)
 
 
 def log(msg: str) -> None:
-    _console.print(f"[fdfast] {msg}", markup=False)
+    _console.print(f"[fdfast] {msg}", markup=False, soft_wrap=True)
 
 
 def _fmt(rec: dict[str, Any]) -> str:

@@ -19,6 +19,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by the user's input (config, files, missing optional libraries)."""
+    from pipelines.base import MissingDependency  # noqa: PLC0415
+
+    from ..models.interop import CheckpointKeyError, CheckpointReadError  # noqa: PLC0415
+    from ..models.teachers import TeacherLoadError  # noqa: PLC0415
+
+    return (ConfigError, FileNotFoundError, TeacherLoadError, CheckpointKeyError, CheckpointReadError,
+            MissingDependency)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -38,24 +49,30 @@ def main(argv=None) -> int:
     info = distributed.init_distributed()
     try:
         summary = train(cfg, info)
-    except ConfigError as e:
-        print(f"fdfast-train: config error: {e}", file=sys.stderr)
-        return 2
     except NonFiniteLoss as e:
         print(f"fdfast-train: {e}", file=sys.stderr)
         return 3
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        if type(e).__name__ in ("TeacherLoadError", "CheckpointKeyError", "MissingDependency") or isinstance(
-                e, FileNotFoundError):
-            print(f"fdfast-train: {e}", file=sys.stderr)
-            return 2
-        raise
+    except _user_errors() as e:  # bad input: one clear line, no traceback
+        print(f"fdfast-train: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     finally:
         distributed.shutdown()
     if info.is_main:
-        print(f"[fdfast] done: step {summary['step']}, loss {summary['loss']:.4f}, "
-              f"{summary['seconds']:.0f}s, outputs in {summary['output_dir']}")
+        print(f"[fdfast] done: step {summary['step']}, {_loss_trend(summary['output_dir'])}, "
+              f"{summary['seconds']:.0f}s this run, outputs in {summary['output_dir']}")
     return 0
+
+
+def _loss_trend(output_dir: str) -> str:
+    """'loss A (step a) -> B (step b)' over the whole run, resumed parts included."""
+    import json  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    recs = [json.loads(x) for x in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in x and '"eval"' not in x] if (Path(output_dir) / "metrics.jsonl").exists() else []
+    if not recs:
+        return "no loss logged"
+    return f"loss {recs[0]['loss']:.4f} (step {recs[0]['step']}) -> {recs[-1]['loss']:.4f} (step {recs[-1]['step']})"
 
 
 if __name__ == "__main__":
