@@ -8,6 +8,7 @@ fp16 autocast.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Sequence
 
 import torch
@@ -20,9 +21,17 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     Equal, up to fp32 rounding, to ToTensor + Normalize of the official pipeline (and, for CLIP
     teachers, to its ImageNet -> CLIP re-normalisation of the same pixels).
     """
-    m = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-    s = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    m, s = _constants(tuple(mean), tuple(std), images.device)
     return (images.float() - m) / s
+
+
+@lru_cache(maxsize=16)
+def _constants(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Built once per device: a host->device copy of a Python list in every step would be a
+    # pageable-memory copy (a host sync) and would break CUDA-graph capture.
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1).mul(255.0).to(device)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1).mul(255.0).to(device)
+    return m, s
 
 
 def whiten(features: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
