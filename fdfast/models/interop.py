@@ -938,3 +938,120 @@ def export_official(
     atomic_write(out, lambda tmp: torch.save(obj, tmp))
     log.info("wrote %s (official FD layout, %d tensors)", out, len(obj["model"]))
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Official FD training state <-> DistillModel (student + projector), for resuming / parity checks
+# ----------------------------------------------------------------------------------------------
+# Buffers the official modules save but timm rebuilds from the geometry (non-persistent in timm).
+_OFFICIAL_REBUILT_BUFFERS = ("relative_position_index", "relative_coords_table", "attn_mask")
+
+
+def official_to_distill_state_dict(sd: Mapping[str, Any]) -> dict:
+    """Map an official FD ``model`` state dict onto ``DistillModel.state_dict()`` keys.
+
+    ``sd`` is ``FD.state_dict()`` as ``main_fd.py`` saves it under ``'model'`` (the whole checkpoint dict is
+    accepted too): ``encoder.*`` (the student), ``decoder.0.{weight [Dt, Ds, 1], bias}`` (the Conv1d
+    projector) and ``feature_model.*`` (the frozen teacher). Returns:
+
+    * ``encoder.*`` unchanged for the ViT (BEiT) student, which has timm's key names already; for SwinV2,
+      ``rpe_mlp`` → ``cpb_mlp`` and ``layers.{i}.downsample`` → ``layers.{i+1}.downsample`` (the official
+      PatchMerging ends stage i, timm's starts stage i+1);
+    * ``decoder.weight [Dt, Ds]`` / ``decoder.bias``: a 1x1 Conv1d is the same map as ``nn.Linear``;
+    * without ``feature_model.*`` (the teacher is built from its release file) and without the index /
+      coordinate / mask buffers, which timm rebuilds for its geometry.
+
+    ``module.`` / ``_orig_mod.`` wrappers are stripped. Keys outside ``encoder.`` / ``decoder.`` /
+    ``feature_model.`` are passed through unchanged, so a strict load names them. The inverse is
+    :func:`official_state_dict` (``official_state_dict(model.encoder, model.decoder)``).
+    """
+    if isinstance(sd.get("model"), Mapping):
+        sd = sd["model"]
+    sd = _strip_wrapper_prefixes(sd)
+    swin = any(k.startswith("encoder.layers.") for k in sd)
+    moved = re.compile(r"^encoder\.layers\.(\d+)\.downsample\.")
+    out: dict = {}
+    decoder: dict = {}
+    for k, v in sd.items():
+        if k.startswith("feature_model."):
+            continue
+        if k.startswith("decoder."):
+            decoder[k[len("decoder."):]] = v
+            continue
+        if k.startswith("encoder."):
+            if k.rsplit(".", 1)[-1] in _OFFICIAL_REBUILT_BUFFERS:
+                continue
+            if swin:
+                k = k.replace(".rpe_mlp.", ".cpb_mlp.")
+                m = moved.match(k)
+                if m:
+                    k = f"encoder.layers.{int(m.group(1)) + 1}.downsample." + k[m.end():]
+        out[k] = v
+    if decoder:
+        proj = _normalise_projector(decoder, Path("<official state dict>"))
+        out["decoder.weight"], out["decoder.bias"] = proj["weight"], proj["bias"]
+    return out
+
+
+def load_official_distill_checkpoint(model: nn.Module, path: str | os.PathLike, *,
+                                     trust_pickle: bool = False) -> LoadReport:
+    """Load a file written by the official ``main_fd.py`` (``{'model': {'encoder.*', 'decoder.*',
+    'feature_model.*'}, 'config': <yacs CfgNode>, ...}``) into a ``DistillModel``: student AND projector.
+
+    The file is read by :func:`torch_load_checkpoint` (weights-only, with the yacs config rebuilt as plain
+    data), mapped by :func:`official_to_distill_state_dict` and loaded strictly: any missing or unexpected
+    key raises :class:`CheckpointKeyError`, any shape difference :class:`CheckpointShapeError` (e.g. a
+    projector distilled from a teacher of another width), before the model is touched. For the encoder
+    alone (fine-tuning, a stripped file without ``decoder.*``) use :func:`load_student_weights`.
+    """
+    file = resolve_checkpoint_file(path)
+    obj = torch_load_checkpoint(file, trust_pickle=trust_pickle)
+    if not isinstance(obj, Mapping):
+        raise CheckpointReadError(f"{file}: holds a {type(obj).__name__}, not an official FD checkpoint")
+    what = "['model']" if isinstance(obj.get("model"), Mapping) else "the file"
+    sd = _strip_wrapper_prefixes(_check_state_dict(obj["model"] if what == "['model']" else obj, file, what))
+    if not any(k.startswith("encoder.") for k in sd):
+        raise CheckpointReadError(
+            f"{file}: {what} has no 'encoder.*' keys, so it is not an official FD training checkpoint; "
+            "use load_student_weights for fdfast / timm student files")
+    mapped = official_to_distill_state_dict(sd)
+    dropped: dict[str, str] = {}
+    n_teacher = sum(1 for k in sd if k.startswith("feature_model."))
+    if n_teacher:
+        dropped["feature_model.*"] = (f"the frozen teacher ({n_teacher} tensors); fdfast builds it from "
+                                      "model.teacher.weights")
+    for k in sd:
+        if k.startswith("encoder.") and k.rsplit(".", 1)[-1] in _OFFICIAL_REBUILT_BUFFERS:
+            dropped[k] = "buffer, rebuilt by the model"
+
+    target = unwrap_model(model)
+    arch = getattr(target, "arch", None) or detect_arch(getattr(target, "encoder", target))
+    model_sd = target.state_dict()
+    bad_shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(model_sd[k].shape)}"
+                  for k, v in mapped.items() if k in model_sd and tuple(v.shape) != tuple(model_sd[k].shape)]
+    if bad_shapes:
+        hint = ""
+        if any(s.startswith("decoder.") for s in bad_shapes):
+            hint = (" The projector maps the student width to the teacher width: the run that wrote the file "
+                    "used another teacher (model.teacher.*) or student width (model.student.embed_dim).")
+        raise CheckpointShapeError(f"{file} (fd-official) does not fit this {arch} DistillModel: "
+                                   f"{_fmt_keys(bad_shapes)}.{hint}")
+    missing = [k for k in model_sd if k not in mapped]
+    unexpected = [k for k in mapped if k not in model_sd]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing from the file ({len(missing)}): {_fmt_keys(missing)}")
+        if unexpected:
+            parts.append(f"in the file but not in the model ({len(unexpected)}): {_fmt_keys(unexpected)}")
+        hint = _prefix_hint(unexpected, set(model_sd)) + _block_hint(mapped, model_sd)
+        if any(k.startswith("decoder.") for k in missing):
+            hint += (" The file holds no projector (decoder.*): it is a stripped distilled encoder; load it "
+                     "with load_student_weights instead.")
+        raise CheckpointKeyError(f"{file} (fd-official) does not fit this {arch} DistillModel; "
+                                 + "; ".join(parts) + "." + hint)
+    target.load_state_dict(mapped, strict=True)
+    report = LoadReport(source=str(path), layout=LAYOUT_OFFICIAL, arch=arch, loaded=len(mapped), missing=[],
+                        unexpected=[], dropped=dropped, resized={})
+    log.info("%s", report.summary())
+    return report
