@@ -42,7 +42,7 @@ class TeacherTarget(nn.Module):
 
     The teacher's own normalisation (CLIP's or ImageNet's mean/std) is applied here, on the device,
     to the same uint8 pixels the student sees; a teacher with a smaller input size (CLIP L/14 at 224
-    under a 256 px student) gets a bicubic resize as in the official code.
+    under a 256 px student) gets the official code's resize (bilinear, no antialias).
     """
 
     def __init__(self, teacher: nn.Module, eps: float = 1e-5):
@@ -55,7 +55,8 @@ class TeacherTarget(nn.Module):
         x = normalize(images, self.teacher.mean, self.teacher.std)
         size = self.teacher.img_size
         if x.shape[-1] != size or x.shape[-2] != size:
-            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+            # official: torchvision 0.13 Resize((224, 224)) on a tensor = bilinear, no antialias
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
         return whiten(self.teacher(x), self.eps)
 
 

@@ -25,9 +25,9 @@ dropping the teacher's ln_post changes the loss by only 9e-7 but a gradient by 6
 Student drop path is 0 and the student is in train mode (as during distillation); the teacher is always in
 eval mode.
 
-Known gap (strict xfail, ``test_clip_large_resized_teacher_input_matches_official``): when the CLIP teacher's
-resolution differs from the student's (FD's L/14 teacher at 224 under a 256 px student), FD resizes the
-teacher input with torchvision 0.13 ``Resize`` (bilinear, no antialias); fdfast resizes bicubically.
+``test_clip_large_resized_teacher_input_matches_official``: when the CLIP teacher's resolution differs from
+the student's (FD's L/14 teacher at 224 under a 256 px student), FD resizes the teacher input with
+torchvision 0.13 ``Resize`` (bilinear, no antialias), and so does fdfast.
 """
 from __future__ import annotations
 
@@ -250,9 +250,6 @@ def test_dino_teacher_loss_and_every_gradient_match_official(dino_setup):
     _check_parity(dino_setup, dino_setup.runs["sdpa"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fdfast.step.TeacherTarget resizes the teacher input bicubically; FD's CLIP_400M_Large path uses "
-    "torchvision 0.13 Resize((224, 224)): bilinear, no antialias (fix: mode='bilinear', antialias=False)"))
 def test_clip_large_resized_teacher_input_matches_official(tmp_path_factory):
     """The CLIP L/14 geometry in miniature: a 32 px / patch-8 student (4x4 grid) against a teacher file at
     28 px / patch 7 (4x4 grid), so the teacher input is resized 32 -> 28 as FD resizes 256 -> 224."""
