@@ -167,8 +167,17 @@ class TrainConfig:
     """auto = bf16 autocast on CUDA, fp32 on CPU; fp16 = autocast + GradScaler (the official mode)."""
     compile: bool = False
     """torch.compile the student (and teacher)."""
+    compile_scope: Literal["whole", "blocks"] = "whole"
+    """Compile the student (and teacher target) as one graph, or each transformer block separately
+    (much faster compile, less fusion)."""
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile mode; CUDA graphs come from train.cuda_graph_teacher, never from a mode."""
     cuda_graph_teacher: bool = False
     """Capture the teacher forward in a CUDA graph (CUDA only)."""
+    tf32: bool = True
+    """Allow TF32 for fp32 matmuls/convs on CUDA."""
+    cudnn_benchmark: bool = True
+    """Autotune conv algorithms (patch embedding), as the official recipe does."""
     channels_last: bool = True
     """Run convolutions on channels-last memory."""
     attention: Literal["sdpa", "flex", "eager"] = "sdpa"

@@ -146,34 +146,6 @@ def enable_fused_attention(module: nn.Module) -> int:
     return n
 
 
-class FastTeacherTarget(nn.Module):
-    """Same maths as :class:`fdfast.step.TeacherTarget` (bit-identical in eager mode; tested), with
-    the normalisation constants as module buffers: they follow ``.to()`` and exist before a CUDA-graph
-    capture starts. ``objective.normalize`` keeps its constants in an ``lru_cache``, which dynamo
-    ignores: compiled, it would trace ``torch.tensor(list).to(device)`` into the graph, i.e. a
-    pageable host->device copy on every call, which a CUDA graph cannot capture."""
-
-    def __init__(self, target: nn.Module):
-        super().__init__()
-        self.teacher = target.teacher
-        self.eps = float(target.eps)
-        mean = torch.tensor(self.teacher.mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-        std = torch.tensor(self.teacher.std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-        self.register_buffer("pix_mean", mean, persistent=False)
-        self.register_buffer("pix_std", std, persistent=False)
-        self.img_size = int(self.teacher.img_size)
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.float() - self.pix_mean) / self.pix_std
-        size = self.img_size
-        if x.shape[-1] != size or x.shape[-2] != size:
-            # as TeacherTarget (the official L/14 path): bilinear, no antialias; the test
-            # test_fast_target_is_teacher_target keeps the two bit-identical
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
-        return whiten(self.teacher(x), self.eps)
-
-
 def _autocast_key(device_type: str) -> tuple:
     if torch.is_autocast_enabled(device_type):
         return (True, torch.get_autocast_dtype(device_type))
@@ -261,7 +233,7 @@ def build_fast_target(target: nn.Module, cfg: Any, device: torch.device, *,
     ``cuda_graph_teacher``, the target is compiled only (or eager when ``train.compile`` is off).
     """
     enable_fused_attention(target.teacher)
-    fn: nn.Module = FastTeacherTarget(target).to(device)
+    fn: nn.Module = target.to(device)
     if train_option(cfg, "compile"):
         scope = train_option(cfg, "compile_scope")
         if scope == "whole":

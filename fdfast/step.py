@@ -48,12 +48,21 @@ class TeacherTarget(nn.Module):
     def __init__(self, teacher: nn.Module, eps: float = 1e-5):
         super().__init__()
         self.teacher = teacher
-        self.eps = eps
+        self.eps = float(eps)
+        self.img_size = int(teacher.img_size)
+        # Buffers (not Python lists) so that they follow .to(), exist before a CUDA-graph capture and
+        # are graph inputs, not host->device copies, when compiled.
+        p = next(teacher.parameters(), None)
+        dev = p.device if p is not None else None
+        self.register_buffer("pix_mean", torch.tensor(teacher.mean, device=dev).view(1, -1, 1, 1) * 255.0,
+                             persistent=False)
+        self.register_buffer("pix_std", torch.tensor(teacher.std, device=dev).view(1, -1, 1, 1) * 255.0,
+                             persistent=False)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = normalize(images, self.teacher.mean, self.teacher.std)
-        size = self.teacher.img_size
+        x = (images.float() - self.pix_mean) / self.pix_std
+        size = self.img_size
         if x.shape[-1] != size or x.shape[-2] != size:
             # official: torchvision 0.13 Resize((224, 224)) on a tensor = bilinear, no antialias
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)

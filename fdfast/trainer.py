@@ -61,7 +61,9 @@ def wrap_for_training(model: nn.Module, cfg: FDConfig, info: DistInfo) -> nn.Mod
     """Compile (before DDP, as timm's distillation task does), then DDP over the trainable module."""
     run = model
     if cfg.train.compile:
-        run = torch.compile(run)
+        from .fast import compile_student  # noqa: PLC0415
+
+        run = compile_student(model, cfg)
     if info.enabled:
         kwargs = {"device_ids": [info.local_rank]} if info.device.type == "cuda" else {}
         run = nn.parallel.DistributedDataParallel(run, broadcast_buffers=False, **kwargs)
@@ -70,18 +72,19 @@ def wrap_for_training(model: nn.Module, cfg: FDConfig, info: DistInfo) -> nn.Mod
 
 def build_target_fn(teacher: nn.Module, cfg: FDConfig, device: torch.device) -> Callable:
     target = TeacherTarget(teacher, cfg.model.whiten_eps)
-    if cfg.train.cuda_graph_teacher or (cfg.train.compile and device.type == "cuda"):
+    if cfg.train.cuda_graph_teacher or cfg.train.compile:
         from .fast import build_fast_target  # noqa: PLC0415
 
         return build_fast_target(target, cfg, device)
-    if cfg.train.compile:
-        return torch.compile(target)
     return target
 
 
 def build_distill_task(cfg: FDConfig, info: DistInfo) -> Task:
     from .models.teachers import build_teacher  # noqa: PLC0415
 
+    from .fast import apply_backend_settings  # noqa: PLC0415
+
+    apply_backend_settings(cfg, info.device)
     s = cfg.model.student
     teacher = build_teacher(cfg.model.teacher, s.img_size).to(info.device)
     if teacher.num_tokens != num_tokens(s):
