@@ -115,35 +115,15 @@ def _ddp(run: nn.Module, info) -> nn.Module:
 
 
 def build_fast_step(cfg, info, *, backend: Optional[str] = None) -> Built:
-    """The fdfast step as the trainer builds it (build_distill_task + TrainStep), with the fast switches
-    of fdfast.fast applied: compile scope/mode, CUDA-graph teacher, flex attention, backend flags."""
-    from fdfast.fast import apply_backend_settings, build_fast_target, compile_student, train_option  # noqa: PLC0415
-    from fdfast.models.student import DistillModel, set_attention_kernel  # noqa: PLC0415
-    from fdfast.models.teachers import build_teacher  # noqa: PLC0415
-    from fdfast.optim import Schedule, build_optimizer, param_groups  # noqa: PLC0415
-    from fdfast.step import TeacherTarget, TrainStep, distill_loss_fn, resolve_precision  # noqa: PLC0415
-    from fdfast.trainer import seed_all  # noqa: PLC0415
+    """The fdfast step exactly as the trainer builds it (build_distill_task + build_training), with the
+    fast switches of fdfast.fast from the config; ``backend`` = compile backend for CPU checks."""
+    from fdfast.fast import apply_backend_settings  # noqa: PLC0415
+    from fdfast.trainer import build_distill_task, build_training, seed_all  # noqa: PLC0415
 
-    dev = info.device
-    applied = apply_backend_settings(cfg, dev)
-    s = cfg.model.student
     seed_all(cfg.train.seed)
-    teacher = build_teacher(cfg.model.teacher, s.img_size).to(dev)
-    model = DistillModel(s, teacher.embed_dim).to(dev)
-    if train_option(cfg, "channels_last"):
-        model = model.to(memory_format=torch.channels_last)
-    set_attention_kernel(model.encoder, train_option(cfg, "attention"))
-    groups = param_groups(model, cfg.optim, s)
-    run = compile_student(model, cfg, backend=backend) if train_option(cfg, "compile") else model
-    run = _ddp(run, info)
-    target_fn = build_fast_target(TeacherTarget(teacher, cfg.model.whiten_eps), cfg, dev, backend=backend)
-    precision = resolve_precision(cfg.train.precision, dev)
-    optimizer = build_optimizer(groups, cfg.optim, dev)
-    params = [p for g in groups for p in g["params"]]
-    step = TrainStep(run, distill_loss_fn(run, target_fn, cfg.model.loss_beta), optimizer, params,
-                     precision=precision, device=dev, clip_grad=cfg.optim.clip_grad)
-    total_batch = cfg.train.batch_size * info.world_size * cfg.train.accum_steps
-    schedule = Schedule(cfg.optim, total_batch, 1000, cfg.train.epochs, [g["lr_scale"] for g in groups])
+    task = build_distill_task(cfg, info, compile_backend=backend)
+    optimizer, step, schedule = build_training(task, cfg, info, steps_per_epoch=1000)
+    applied = apply_backend_settings(cfg, info.device)
 
     def run_step(images: torch.Tensor, labels: torch.Tensor, i: int) -> dict:
         step.set_lr(schedule(i))
@@ -152,7 +132,7 @@ def build_fast_step(cfg, info, *, backend: Optional[str] = None) -> Built:
     notes = [f"backend flags: {applied}"] if applied else []
     if getattr(optimizer, "defaults", {}).get("fused"):
         notes.append("fused AdamW")
-    return Built("fast", run_step, model, teacher, precision, notes, target_fn)
+    return Built("fast", run_step, task.model, task.teacher, step.precision, notes, task.target_fn)
 
 
 def build_official_step(cfg, info) -> Built:

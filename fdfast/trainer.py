@@ -45,6 +45,7 @@ class Task:
     evaluate: Optional[Callable[[], dict]] = None
     extra_state: dict = field(default_factory=dict)
     teacher: Optional[nn.Module] = None  # frozen, outside DDP and the optimizer
+    target_fn: Optional[Callable] = None  # uint8 images -> whitened teacher tokens
 
 
 def seed_all(seed: int) -> None:
@@ -57,29 +58,32 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def wrap_for_training(model: nn.Module, cfg: FDConfig, info: DistInfo) -> nn.Module:
-    """Compile (before DDP, as timm's distillation task does), then DDP over the trainable module."""
+def wrap_for_training(model: nn.Module, cfg: FDConfig, info: DistInfo,
+                      compile_backend: Optional[str] = None) -> nn.Module:
+    """Compile (before DDP, as timm's distillation task does), then DDP over the trainable module.
+    ``compile_backend`` (e.g. 'aot_eager') is for CPU checks of the compiled path."""
     run = model
     if cfg.train.compile:
         from .fast import compile_student  # noqa: PLC0415
 
-        run = compile_student(model, cfg)
+        run = compile_student(model, cfg, backend=compile_backend)
     if info.enabled:
         kwargs = {"device_ids": [info.local_rank]} if info.device.type == "cuda" else {}
         run = nn.parallel.DistributedDataParallel(run, broadcast_buffers=False, **kwargs)
     return run
 
 
-def build_target_fn(teacher: nn.Module, cfg: FDConfig, device: torch.device) -> Callable:
+def build_target_fn(teacher: nn.Module, cfg: FDConfig, device: torch.device,
+                    compile_backend: Optional[str] = None) -> Callable:
     target = TeacherTarget(teacher, cfg.model.whiten_eps)
     if cfg.train.cuda_graph_teacher or cfg.train.compile:
         from .fast import build_fast_target  # noqa: PLC0415
 
-        return build_fast_target(target, cfg, device)
+        return build_fast_target(target, cfg, device, backend=compile_backend)
     return target
 
 
-def build_distill_task(cfg: FDConfig, info: DistInfo) -> Task:
+def build_distill_task(cfg: FDConfig, info: DistInfo, compile_backend: Optional[str] = None) -> Task:
     from .models.teachers import build_teacher  # noqa: PLC0415
 
     from .fast import apply_backend_settings  # noqa: PLC0415
@@ -97,10 +101,10 @@ def build_distill_task(cfg: FDConfig, info: DistInfo) -> Task:
         model = model.to(memory_format=torch.channels_last)
     set_attention_kernel(model.encoder, cfg.train.attention)
     groups = param_groups(model, cfg.optim, s)
-    run = wrap_for_training(model, cfg, info)
-    target_fn = build_target_fn(teacher, cfg, info.device)
+    run = wrap_for_training(model, cfg, info, compile_backend)
+    target_fn = build_target_fn(teacher, cfg, info.device, compile_backend)
     return Task(model=model, train_model=run, loss_fn=distill_loss_fn(run, target_fn, cfg.model.loss_beta),
-                groups=groups, teacher=teacher)
+                groups=groups, teacher=teacher, target_fn=target_fn)
 
 
 def build_task(cfg: FDConfig, info: DistInfo) -> Task:
@@ -109,6 +113,20 @@ def build_task(cfg: FDConfig, info: DistInfo) -> Task:
     from .finetune import build_finetune_task  # noqa: PLC0415
 
     return build_finetune_task(cfg, info)
+
+
+def build_training(task: Task, cfg: FDConfig, info: DistInfo, steps_per_epoch: int,
+                   ) -> tuple[torch.optim.Optimizer, TrainStep, Schedule]:
+    """Optimizer, step and LR schedule for a task (LR scaled by the total batch over all ranks)."""
+    tr = cfg.train
+    precision = resolve_precision(tr.precision, info.device)
+    optimizer = build_optimizer(task.groups, cfg.optim, info.device)
+    params = [p for g in task.groups for p in g["params"]]
+    step_fn = TrainStep(task.train_model, task.loss_fn, optimizer, params, precision=precision,
+                        device=info.device, clip_grad=cfg.optim.clip_grad)
+    total_batch = tr.batch_size * info.world_size * tr.accum_steps
+    schedule = Schedule(cfg.optim, total_batch, steps_per_epoch, tr.epochs, [g["lr_scale"] for g in task.groups])
+    return optimizer, step_fn, schedule
 
 
 def prepare_data(cfg: FDConfig, info: DistInfo) -> None:
@@ -168,11 +186,7 @@ def train(cfg: FDConfig, info: Optional[DistInfo] = None,
     last_step = min(total_steps, tr.max_steps) if tr.max_steps else total_steps
     total_batch = tr.batch_size * info.world_size * tr.accum_steps
 
-    optimizer = build_optimizer(task.groups, cfg.optim, info.device)
-    params = [p for g in task.groups for p in g["params"]]
-    step_fn = TrainStep(task.train_model, task.loss_fn, optimizer, params, precision=precision,
-                        device=info.device, clip_grad=cfg.optim.clip_grad)
-    schedule = Schedule(cfg.optim, total_batch, steps_per_epoch, tr.epochs, [g["lr_scale"] for g in task.groups])
+    optimizer, step_fn, schedule = build_training(task, cfg, info, steps_per_epoch)
 
     step = 0
     best: dict[str, Any] = {}
