@@ -298,10 +298,15 @@ class Evaluator:
             self.mean, self.std = CLIP_MEAN, CLIP_STD  # the official eval transform (spec pitfall 1)
         else:
             self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
-        # The eager module by default; with train.compile a separately compiled view of the same
-        # weights, fed fixed-size batches (the short last batch is padded with label -1) so that the
-        # eval graph compiles once.
-        self.forward = torch.compile(model) if cfg.train.compile else model
+        # The eager module by default. With train.compile: compile_scope 'blocks' compiled the blocks
+        # in place, so the plain module already runs them compiled; 'whole' gets a separately compiled
+        # view of the same weights (the training one sits inside DDP). Either way batches keep one
+        # fixed size (the short last batch is padded with label -1), so the eval graph compiles once
+        # (compile uses dynamic=False).
+        self.forward = model
+        if cfg.train.compile and cfg.train.compile_scope == "whole":
+            from .fast import compile_module  # noqa: PLC0415 - GPU-path module, imported on demand
+            self.forward = compile_module(model, cfg)
         self.pad = cfg.train.compile
 
     def _batches(self):
@@ -342,7 +347,10 @@ class Evaluator:
 def build_finetune_task(cfg: FDConfig, info: DistInfo):
     from .trainer import Task, wrap_for_training  # noqa: PLC0415 - trainer imports this module lazily
 
+    from .fast import apply_backend_settings  # noqa: PLC0415
+
     check_finetune_config(cfg)
+    apply_backend_settings(cfg, info.device)  # TF32 / cudnn.benchmark, as for distillation
     s = cfg.model.student
     probe = cfg.train.task == "linprobe"
     model = build_student(s, finetune=True)

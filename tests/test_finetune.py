@@ -296,6 +296,13 @@ def test_evaluate_single_process_and_modes(tmp_path, folders):
     assert res["top1"] == pytest.approx(top1, abs=1e-9) and res["top5"] == pytest.approx(top5, abs=1e-9)
     assert res["loss"] == pytest.approx(loss, rel=1e-5)
     assert 0 < res["top1"] < res["top5"] < 100
+    # the fixed-shape path used with train.compile pads the short last batch with label -1 entries
+    task.evaluate.pad = True
+    batches = list(task.evaluate._batches())
+    assert {b[0].shape[0] for b in batches} == {4} and int((batches[-1][1] == -1).sum()) == 3
+    padded = task.evaluate()
+    assert (padded["top1"], padded["top5"], padded["count"]) == (res["top1"], res["top5"], 17)
+    assert padded["loss"] == pytest.approx(res["loss"], rel=1e-6)  # batch shape changes fp32 rounding only
     assert build_finetune_task(ft_cfg(tmp_path, train_dir=train), CPU).evaluate is None  # no data.val
 
 
