@@ -1,0 +1,308 @@
+"""FFCV backend: ``.beton`` files written by ``fdfast-convert``, decoded by FFCV's JIT-compiled pipeline.
+
+Pipeline (the ffcv-imagenet recipe, minus normalisation, which the FD step does on the device):
+
+* train: ``RandomResizedCropRGBImageDecoder((S, S), scale=(min, max), ratio=(3/4, 4/3))`` (decode +
+  crop + resize in one pass) then ``RandomHorizontalFlip``;
+* eval: ``CenterCropRGBImageDecoder((S, S), ratio=S / eval_resize)``, i.e. the central square of
+  side ``S/eval_resize * shorter side`` resized to S, the same region as resize-256 + center-crop-224;
+* then ``ToTensor, ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)``: uint8
+  NHWC memory seen as NCHW channels-last; labels ``IntDecoder, ToTensor, Squeeze(1), ToDevice``
+  (int64). FFCV resizes with OpenCV's INTER_AREA whatever ``spec.interpolation`` says.
+
+Order and sharding. ``set_epoch(e, k)`` fixes the order from ``(seed, e)``: FFCV's RANDOM order is
+``default_rng(seed + e).permutation`` on one process and ``DistributedSampler(seed).set_epoch(e)``
+with ``distributed=True``; QUASI_RANDOM shuffles page tables *in place*, so its order would also depend
+on the epochs iterated before — we rebuild those tables before every epoch. The first ``k`` batches are
+skipped by slicing the epoch's index order before FFCV's epoch thread starts, so nothing is decoded
+for them. Training uses ``distributed=(world_size > 1)`` (needs an initialised process group; every
+rank gets the same number of full batches). Evaluation does not: FFCV's distributed sequential order
+pads shards with *repeated* samples, which would be counted twice. Instead rank r reads samples
+``r, r + world, ...`` and, where its shard is one shorter than the longest, ends with a padding entry
+whose label is -1 (a black image), exactly like the torchvision backend: every rank yields
+``ceil(ceil(N / world) / batch)`` batches of equal shapes, and metrics count only ``labels >= 0``.
+
+The crop and flip draws come from numba's per-thread RNGs and are not reproducible; the order is.
+
+Pitfalls handled here (see FFCV issues #350/#396 and the notes in the project docs):
+
+* An exception in FFCV's epoch thread is only printed and the consumer then waits forever; our
+  epoch iterator forwards it to the training loop as a ``RuntimeError``.
+* ``num_workers`` above numba's thread limit raises: it is clamped to the usable cores.
+* ``Loader()`` and every epoch call ``torch.set_num_threads(num_workers)``: we restore the caller's
+  value.
+* Batches are views into buffers FFCV reuses ``prefetch + 2`` batches later: clone what you keep.
+"""
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .base import CROP_RATIO, LoaderSpec, MissingDependency
+
+INSTALL_HINT = ("install FFCV with `bash scripts/install_optional_deps.sh .venv/bin/python` "
+                "(Debian: builds ffcv 1.0.2 against libturbojpeg and OpenCV core/imgproc)")
+
+
+def _import_ffcv():
+    """Import what the backend needs from FFCV, or raise :class:`MissingDependency` saying how to install."""
+    try:
+        import ffcv.fields.decoders as decoders
+        import ffcv.loader as loader_mod
+        import ffcv.transforms as transforms
+        from ffcv.loader.epoch_iterator import EpochIterator
+        from ffcv.pipeline.compiler import Compiler
+        from ffcv.traversal_order import QuasiRandom
+    except (ImportError, OSError) as e:   # OSError: the compiled extension cannot find libturbojpeg
+        raise MissingDependency(f"data.backend='ffcv' needs the ffcv package, which failed to import "
+                                f"({type(e).__name__}: {e}); {INSTALL_HINT}") from e
+    return decoders, loader_mod, transforms, EpochIterator, Compiler, QuasiRandom
+
+
+class _Failed:
+    """Put in FFCV's output queue by a dying epoch thread, in place of a batch."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def _guarded_epoch_iterator(EpochIterator):
+    from ffcv.loader.epoch_iterator import IS_CUDA
+
+    class GuardedEpochIterator(EpochIterator):
+        """FFCV's epoch thread, but an exception reaches the consumer instead of hanging it."""
+
+        def run(self):
+            try:
+                super().run()
+            except BaseException as exc:  # noqa: BLE001 - everything must reach the consumer
+                while not self.terminate_event.is_set():
+                    try:
+                        self.output_queue.put(_Failed(exc), timeout=0.5)
+                        return
+                    except queue.Full:
+                        pass
+
+        def __next__(self):
+            item = self.output_queue.get()
+            if isinstance(item, _Failed):
+                self.close()
+                raise RuntimeError(f"FFCV's loader thread failed while preparing a batch of "
+                                   f"{self.loader.fname}: {type(item.exc).__name__}: {item.exc}") from item.exc
+            if item is None:
+                self.close()
+                raise StopIteration
+            slot, result = item
+            if IS_CUDA:    # as upstream: wait until the slot's host-to-device copy is done
+                self.current_stream.wait_stream(self.cuda_streams[slot])
+            return result
+
+        def close(self):
+            # Let the epoch thread finish its batch before FFCV releases the memory it decodes from
+            # (upstream closes the memory context under a running thread when a loop breaks early).
+            self.terminate_event.set()
+            if self.is_alive() and threading.current_thread() is not self:
+                self.join(timeout=60)
+            super().close()
+
+    return GuardedEpochIterator
+
+
+def _usable_workers(requested: int) -> int:
+    import numba
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(requested if requested > 0 else cores, cores, numba.config.NUMBA_NUM_THREADS))
+
+
+class FFCVLoader:
+    """The loader contract (``pipelines.base``) over an FFCV ``.beton`` with ``image`` and ``label`` fields."""
+
+    def __init__(self, spec: LoaderSpec):
+        threads = torch.get_num_threads()    # importing ffcv already sets it to 1
+        try:
+            decoders, loader_mod, transforms, EpochIterator, Compiler, QuasiRandom = _import_ffcv()
+        finally:
+            torch.set_num_threads(threads)
+        self.spec = spec
+        path = Path(spec.path)
+        if not spec.path:
+            raise ValueError("data.backend='ffcv' needs a .beton file in data.train / data.val "
+                             "(build one with fdfast-convert IMAGE_FOLDER OUT_DIR)")
+        if path.is_dir():
+            raise ValueError(f"'{path}' is a folder; data.backend='ffcv' reads .beton files. "
+                             f"Convert it with: fdfast-convert {path} OUT_DIR")
+        if not path.is_file():
+            raise FileNotFoundError(f"FFCV file '{path}' does not exist (data.train / data.val); "
+                                    "build it with fdfast-convert")
+        if spec.auto_augment:
+            raise ValueError(f"data.auto_augment={spec.auto_augment!r} is not available with data.backend='ffcv'; "
+                             "use data.backend='torchvision' for RandAugment, or set data.auto_augment=null")
+        if not spec.train and spec.eval_resize < spec.img_size:
+            raise ValueError(f"data.eval_resize={spec.eval_resize} is smaller than the image size {spec.img_size}; "
+                             "the center crop must fit inside the resized image (e.g. 256 for 224)")
+        if spec.ffcv_order not in ("random", "quasi_random"):
+            raise ValueError(f"data.ffcv_order={spec.ffcv_order!r}; choose 'random' or 'quasi_random'")
+        if spec.interpolation != "bilinear":
+            warnings.warn(f"data.interpolation={spec.interpolation!r} is ignored by FFCV, which resizes with "
+                          "OpenCV INTER_AREA", stacklevel=2)
+        distributed = spec.train and spec.world_size > 1
+        if distributed:
+            self._check_process_group(spec)
+            if spec.ffcv_order == "quasi_random":
+                raise ValueError("data.ffcv_order='quasi_random' is not supported by FFCV with several "
+                                 "processes (world_size > 1); use data.ffcv_order='random'")
+        self._QuasiRandom = QuasiRandom
+        self._Compiler = Compiler
+        self._EpochIterator = _guarded_epoch_iterator(EpochIterator)
+        self.num_workers = _usable_workers(spec.num_workers)
+
+        S = spec.img_size
+        if spec.train:
+            image_ops = [decoders.RandomResizedCropRGBImageDecoder((S, S), scale=(spec.min_scale, spec.max_scale),
+                                                                   ratio=CROP_RATIO),
+                         transforms.RandomHorizontalFlip()]
+        else:
+            image_ops = [decoders.CenterCropRGBImageDecoder((S, S), ratio=S / spec.eval_resize)]
+        # No NormalizeImage here: the step normalises on the device (and NormalizeImage after ToDevice
+        # hangs FFCV on a CPU device).
+        image_ops += [transforms.ToTensor(), transforms.ToDevice(spec.device, non_blocking=True),
+                      transforms.ToTorchImage(channels_last=True)]
+        # Squeeze(1), not Squeeze(): a batch of one must stay shape (1,)
+        label_ops = [decoders.IntDecoder(), transforms.ToTensor(), transforms.Squeeze(1),
+                     transforms.ToDevice(spec.device, non_blocking=True)]
+
+        self._num_samples = n_total = self._check_file(path)
+        OrderOption = loader_mod.OrderOption
+        if spec.train:
+            order = OrderOption.QUASI_RANDOM if spec.ffcv_order == "quasi_random" else OrderOption.RANDOM
+            indices = None
+        else:
+            order = OrderOption.SEQUENTIAL
+            indices = np.arange(spec.rank, n_total, spec.world_size, dtype=np.uint64)
+            if len(indices) == 0:
+                raise ValueError(f"'{path}' has {n_total} samples, fewer than world_size={spec.world_size}")
+
+        try:
+            self._loader = loader_mod.Loader(
+                str(path), batch_size=spec.batch_size, num_workers=self.num_workers, os_cache=spec.ffcv_os_cache,
+                order=order, distributed=distributed, seed=spec.seed, indices=indices,
+                pipelines={"image": image_ops, "label": label_ops}, drop_last=spec.train,
+                batches_ahead=max(1, spec.prefetch))
+        finally:
+            torch.set_num_threads(threads)
+        if spec.train:
+            self._len = len(self._loader)
+            if self._len == 0:
+                raise ValueError(f"'{path}': {self._num_samples} images give no full batch of {spec.batch_size} "
+                                 f"per rank on {spec.world_size} rank(s); lower train.batch_size")
+        else:
+            self._per_rank = math.ceil(self._num_samples / spec.world_size)
+            self._len = math.ceil(self._per_rank / spec.batch_size)
+        self._epoch = 0
+        self._start_batch = 0
+
+    # -- helpers --------------------------------------------------------------------------------
+    @staticmethod
+    def _check_process_group(spec: LoaderSpec) -> None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(f"FFCV training with world_size={spec.world_size} needs torch.distributed "
+                               "initialised (init_process_group) before the loader is built")
+        if (dist.get_rank(), dist.get_world_size()) != (spec.rank, spec.world_size):
+            raise RuntimeError(f"loader spec says rank {spec.rank}/{spec.world_size} but the process group "
+                               f"says {dist.get_rank()}/{dist.get_world_size()}")
+
+    @staticmethod
+    def _check_file(path: Path) -> int:
+        """Number of samples, after checking the file is an FFCV file with fdfast-convert's fields."""
+        from ffcv.reader import Reader
+
+        try:
+            reader = Reader(str(path))
+        except Exception as e:  # noqa: BLE001 - FFCV fails in many ways on a foreign or truncated file
+            raise ValueError(f"'{path}' is not a readable FFCV file ({type(e).__name__}: {e}); "
+                             "rebuild it with fdfast-convert") from e
+        missing = {"image", "label"} - set(reader.handlers)
+        if missing:
+            raise ValueError(f"'{path}' lacks the field(s) {sorted(missing)}; fdfast expects the 'image' and "
+                             "'label' fields written by fdfast-convert")
+        return int(reader.num_samples)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Sample indices this rank reads in ``epoch`` (before the drop-last cut), from (seed, epoch)."""
+        traversal = self._loader.traversal_order
+        if isinstance(traversal, self._QuasiRandom):
+            traversal.prepare_data_structures()    # undo the in-place page shuffles of earlier epochs
+        return np.asarray(traversal.sample_order(epoch))
+
+    # -- contract -------------------------------------------------------------------------------
+    @property
+    def num_samples(self) -> int:
+        """Images in the whole dataset (all ranks)."""
+        return self._num_samples
+
+    def __len__(self) -> int:
+        return self._len
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if not 0 <= start_batch <= self._len:
+            raise ValueError(f"start_batch={start_batch} is outside [0, {self._len}]")
+        self._epoch, self._start_batch = epoch, start_batch
+
+    def __iter__(self):
+        spec, bs = self.spec, self.spec.batch_size
+        epoch, start = self._epoch, self._start_batch
+        self._epoch, self._start_batch = epoch + 1, 0     # next pass without set_epoch: next epoch
+        order = self.epoch_order(epoch)
+        if spec.train:
+            order = order[: self._len * bs]               # drop_last, equal on every rank
+        order = order[start * bs:]
+        emitted = start
+        if len(order):
+            threads = torch.get_num_threads()
+            self._Compiler.set_num_threads(self.num_workers)
+            it = self._EpochIterator(self._loader, order)
+            try:
+                for i, (images, labels) in enumerate(it):
+                    if i == 0:      # the epoch thread has set torch's thread count by now
+                        torch.set_num_threads(threads)
+                    emitted += 1
+                    if not spec.train and emitted == self._len:
+                        images, labels = _pad_eval_batch(images, labels, self._last_batch_size())
+                    yield images, labels
+            finally:
+                it.close()
+                torch.set_num_threads(threads)
+        while emitted < self._len:   # eval: a rank whose shard ran out one batch early
+            emitted += 1
+            yield _pad_eval_batch(*_empty_batch(spec), self._last_batch_size())
+
+    def _last_batch_size(self) -> int:
+        return self._per_rank - (self._len - 1) * self.spec.batch_size
+
+
+def _empty_batch(spec: LoaderSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.empty((0, 3, spec.img_size, spec.img_size), dtype=torch.uint8, device=spec.device)
+    return (images.contiguous(memory_format=torch.channels_last),
+            torch.empty((0,), dtype=torch.int64, device=spec.device))
+
+
+def _pad_eval_batch(images: torch.Tensor, labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Extend an eval batch to ``size`` with black images labelled -1 (ignored by metrics), so that every
+    rank's batches have the same shapes without counting any image twice."""
+    missing = size - images.shape[0]
+    if missing <= 0:
+        return images, labels
+    pad = torch.zeros((missing, *images.shape[1:]), dtype=images.dtype, device=images.device)
+    images = torch.cat([images, pad.contiguous(memory_format=torch.channels_last)])
+    labels = torch.cat([labels, torch.full((missing,), -1, dtype=labels.dtype, device=labels.device)])
+    return images.contiguous(memory_format=torch.channels_last), labels

@@ -1,0 +1,132 @@
+"""Shared pieces of the FFCV / DALI / converter tests: generated folders whose pixels can be checked,
+a torchvision reference for evaluation crops, and measurements of what a training crop did."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipelines.generate import make_image_folder
+
+# Mixed folder: sizes above and below the 224 crop, portrait and landscape, grayscale JPEGs, RGBA PNGs.
+MIXED_SIZES = ((96, 128), (160, 120), (256, 300), (64, 64), (300, 230))
+
+
+def make_mixed_folder(root: Path, corrupt: int = 0) -> Path:
+    """4 classes x 10 images of MIXED_SIZES, every 7th grayscale, every 9th an RGBA PNG."""
+    return make_image_folder(root, num_classes=4, per_class=10, sizes=MIXED_SIZES, grayscale_every=7,
+                             rgba_every=9, corrupt=corrupt)
+
+
+# Coordinate folder: R encodes the column, G the row, B the image id, so that a crop tells which image
+# it came from, which source window it covers and whether it was mirrored.
+COORD_W, COORD_H = 320, 240
+COORD_CLASSES, COORD_PER_CLASS = 8, 8
+ID_STEP = 4   # B = ID_STEP * id + 2: 64 ids in 0..255 with margin for JPEG / resampling noise
+
+
+def make_coordinate_folder(root: Path) -> Path:
+    xs = np.linspace(0, 255, COORD_W)
+    ys = np.linspace(0, 255, COORD_H)
+    n = 0
+    for c in range(COORD_CLASSES):
+        d = Path(root) / f"c{c:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(COORD_PER_CLASS):
+            img = np.empty((COORD_H, COORD_W, 3), np.uint8)
+            img[..., 0] = np.round(xs)[None, :]
+            img[..., 1] = np.round(ys)[:, None]
+            img[..., 2] = ID_STEP * n + 2
+            Image.fromarray(img).save(d / f"i{i:02d}.png")
+            n += 1
+    return Path(root)
+
+
+def image_ids(images: torch.Tensor) -> list[int]:
+    """Image ids of a batch from the coordinate folder (sorted class, file order = id)."""
+    b = images[:, 2].float().mean(dim=(1, 2)).cpu()
+    return [int(v) for v in torch.round((b - 2) / ID_STEP)]
+
+
+def crop_geometry(img: torch.Tensor) -> dict:
+    """From one (3, S, S) crop of a coordinate image: area fraction and aspect ratio of the source
+    window, and whether it was flipped horizontally."""
+    x = img.float().cpu()
+    s = x.shape[-1]
+    r = x[0].mean(0)           # column profile of the column-coordinate channel
+    g = x[1].mean(1)           # row profile of the row-coordinate channel
+    flipped = bool(r[-1] < r[0])
+    if flipped:
+        r = r.flip(0)
+    # first/last output pixel centres sit half an output pixel inside the window: scale by s/(s-1)
+    w = float(r[-1] - r[0]) / 255 * (COORD_W - 1) * s / (s - 1)
+    h = float(g[-1] - g[0]) / 255 * (COORD_H - 1) * s / (s - 1)
+    return {"area": w * h / (COORD_W * COORD_H), "ratio": w / h, "flipped": flipped}
+
+
+def reference_eval_crops(paths: list[str], size: int = 224, resize: int = 256,
+                         interpolation: str = "bilinear") -> torch.Tensor:
+    """torchvision's Resize(shorter side -> resize) + CenterCrop(size) on PIL RGB: (N, 3, S, S) uint8."""
+    from torchvision import transforms as T
+
+    mode = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[interpolation]
+    tf = T.Compose([T.Resize(resize, interpolation=mode), T.CenterCrop(size), T.PILToTensor()])
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            out.append(tf(im.convert("RGB")))
+    return torch.stack(out)
+
+
+def match_to_reference(images: torch.Tensor, reference: torch.Tensor) -> tuple[list[int], list[float]]:
+    """For each image, the index of the closest reference crop and the mean absolute difference to it."""
+    a = images.float().flatten(1)
+    b = reference.float().flatten(1)
+    d = torch.cdist(a, b, p=1) / a.shape[1]
+    best = d.argmin(dim=1)
+    return best.tolist(), d[torch.arange(len(a)), best].tolist()
+
+
+def collect(loader) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """One pass: all images (cloned: loaders reuse their buffers), all labels, and the batch sizes."""
+    imgs, labels, sizes = [], [], []
+    for x, y in loader:
+        imgs.append(x.clone())
+        labels.append(y.clone())
+        sizes.append(int(x.shape[0]))
+    return torch.cat(imgs), torch.cat(labels), sizes
+
+
+def ffcv_rank_worker(rank: int, world: int, init_file: str, beton: str, out_dir: str) -> None:
+    """One rank of a gloo process group: FFCV training loader with distributed=True; saves the image ids
+    it read in two epochs (and its len) to ``out_dir/rank{rank}.pt``."""
+    import torch.distributed as dist
+
+    from pipelines import LoaderSpec, build_loader_from_spec, check_batch
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        spec = LoaderSpec(path=beton, train=True, batch_size=8, img_size=32, device=torch.device("cpu"),
+                          rank=rank, world_size=world, seed=3, num_workers=1)
+        loader = build_loader_from_spec("ffcv", spec)
+        result = {"len": len(loader), "epochs": []}
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            ids = []
+            for images, labels in loader:
+                check_batch(images, labels)
+                ids += image_ids(images)
+            result["epochs"].append(ids)
+        torch.save(result, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def hide_package(monkeypatch, package: str) -> None:
+    """Make ``import package`` (and of any of its already-imported submodules) raise ImportError."""
+    import sys
+
+    for name in [m for m in sys.modules if m == package or m.startswith(package + ".")] + [package]:
+        monkeypatch.setitem(sys.modules, name, None)
