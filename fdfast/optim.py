@@ -96,11 +96,50 @@ def param_groups(model: nn.Module, cfg: OptimConfig, student: StudentConfig) -> 
 def build_optimizer(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
     if cfg.optimizer == "lars":
-        from timm.optim import Lars  # noqa: PLC0415
-        return Lars(clean, lr=0.0, momentum=0.9, weight_decay=cfg.weight_decay, trust_clip=False)
+        return Lars(clean, lr=0.0, weight_decay=cfg.weight_decay, momentum=0.9, trust_coefficient=1e-3)
     fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
     return torch.optim.AdamW(clean, lr=0.0, betas=tuple(cfg.betas), eps=cfg.eps,
                              weight_decay=cfg.weight_decay, fused=fused or None)
+
+
+class Lars(torch.optim.Optimizer):
+    """LARS as in MoCo v3 / MAE, which the official linear probe uses (spec §2.4): momentum SGD where
+    parameters with ndim > 1 get weight decay and the trust ratio ``eta * |w| / |g + wd * w|``, and 1-D
+    ones (biases, norms) a plain momentum step. timm's ``Lars`` differs in both points: it divides by
+    ``|g| + wd * |w|`` (the LARC form) and adapts by group (only when the group's weight_decay != 0,
+    so not at all with weight_decay 0)."""
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+                 trust_coefficient: float = 0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for g in self.param_groups:
+            for p in g["params"]:
+                dp = p.grad
+                if dp is None:
+                    continue
+                if p.ndim > 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    w_norm, u_norm = torch.norm(p), torch.norm(dp)
+                    one = torch.ones_like(w_norm)
+                    # ratio 1 where either norm is 0 (fresh zero weights, no gradient); no host sync
+                    q = torch.where(w_norm > 0, torch.where(u_norm > 0, g["trust_coefficient"] * w_norm / u_norm,
+                                                            one), one)
+                    dp = dp.mul(q)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
+        return loss
 
 
 def scaled_lrs(cfg: OptimConfig, total_batch: int) -> tuple[float, float, float]:

@@ -33,6 +33,38 @@ def _pil_loader(path: str):
         return Image.open(f).convert("RGB")
 
 
+def _posterize(img, bits_to_keep, **kwargs):
+    """timm's posterize, with 0 bits giving a black image again.
+
+    RandAugment 'inc1' maps magnitude 10 to 0 bits; with m9 and mstd 0.5 the magnitude reaches 10 in
+    ~2 % of posterize draws. Older Pillow returned a black image for 0 bits (what the official
+    fine-tuning saw); current Pillow raises ValueError, which kills the DataLoader worker.
+    """
+    from PIL import Image  # noqa: PLC0415
+    from timm.data.auto_augment import posterize  # noqa: PLC0415
+
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return posterize(img, bits_to_keep, **kwargs)
+
+
+def build_rand_augment(spec: LoaderSpec):
+    """timm RandAugment with the hyper-parameters of timm's ``transforms_imagenet_train`` (the official
+    fine-tune transform): translate 45 % of the crop, fill with the ImageNet mean, and the configured
+    interpolation for the geometric ops (bicubic in the fine-tune configs; timm picks at random
+    when none is given)."""
+    from timm.data import auto_augment as aa  # noqa: PLC0415
+    from timm.data.transforms import str_to_pil_interp  # noqa: PLC0415
+
+    hparams = dict(translate_const=int(spec.img_size * 0.45), img_mean=(124, 116, 104),
+                   interpolation=str_to_pil_interp(spec.interpolation))
+    ra = aa.rand_augment_transform(spec.auto_augment, hparams)
+    for op in ra.ops:
+        if op.aug_fn is aa.posterize:
+            op.aug_fn = _posterize
+    return ra
+
+
 def build_transform(spec: LoaderSpec):
     """PIL -> uint8 CHW tensor, with the contract's augmentation semantics."""
     from torchvision import transforms as T  # noqa: PLC0415
@@ -43,9 +75,7 @@ def build_transform(spec: LoaderSpec):
                                    interpolation=interp),
                T.RandomHorizontalFlip(0.5)]
         if spec.auto_augment:
-            from timm.data.auto_augment import rand_augment_transform  # noqa: PLC0415
-            ops.append(rand_augment_transform(spec.auto_augment, dict(
-                translate_const=int(spec.img_size * 0.45), img_mean=(124, 116, 104))))
+            ops.append(build_rand_augment(spec))
     else:
         ops = [T.Resize(spec.eval_resize, interpolation=T.InterpolationMode.BICUBIC),
                T.CenterCrop(spec.img_size)]

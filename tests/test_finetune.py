@@ -174,10 +174,6 @@ def test_randaugment_allowed_on_torchvision_and_spec_checked(tmp_path, folders):
         check_finetune_config(ft_cfg(tmp_path, train_dir=train, data={"auto_augment": "autoaug"}))
 
 
-@pytest.mark.xfail(reason="timm's 'inc1' posterize reaches 0 bits at magnitude 10 and Pillow 13 (installed here) "
-                          "raises "
-                          "ValueError for 0 bits (older Pillow gave a black image); needs the "
-                          "pipelines/torchvision.py diff in the fine-tune report", raises=ValueError, strict=False)
 def test_official_randaugment_never_raises():
     import random
 
@@ -466,9 +462,6 @@ def _moco_lars_step(w, g, lr, wd, momentum_buf=None, eta=1e-3, m=0.9):
     return w - lr * mu, mu
 
 
-@pytest.mark.xfail(reason="optim.build_optimizer's timm Lars divides by |g| + wd|w| and adapts only groups "
-                          "with weight_decay != 0; MoCo v3 divides by |g + wd w| and adapts every ndim > 1 "
-                          "parameter. Fixed by the optim.py diff in the fine-tune report.", strict=False)
 @pytest.mark.parametrize("wd", [0.0, 0.05])
 def test_lars_matches_moco_v3(tmp_path, wd):
     from fdfast.config import OptimConfig
