@@ -37,3 +37,12 @@ demo: setup clean-demo
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The second half of FD on the demo student: fine-tune + evaluate (top-1 on a generated validation
+# set), then export the distilled student for timm and in the official FD layout.
+demo-finetune: setup
+	test -d $(DEMO)/checkpoints || $(MAKE) demo
+	rm -rf runs/demo_finetune runs/demo_export
+	$(BIN)/fdfast-train --config configs/finetune/demo_cpu.yaml
+	$(BIN)/fdfast-export $(DEMO) --format official --out runs/demo_export/fd_student_official.pth
+	$(BIN)/fdfast-export runs/demo_finetune --format timm --out runs/demo_export/finetuned_timm

@@ -8,7 +8,9 @@ Every backend yields ``(images, labels)``:
 
 Normalisation, dtype casts and the teacher's own mean/std happen on the device inside the FD step,
 so every backend hands over the same raw pixels. ``len(loader)`` is the number of batches per epoch
-and is equal on every rank. ``set_epoch(epoch, start_batch)`` fixes the order of the next pass from
+and is equal on every rank. Training drops the remainder; evaluation instead pads a rank's last batch
+with images labelled ``-1`` (``pad_eval_batch``), which metrics must ignore, so that every image is
+counted exactly once across ranks. ``set_epoch(epoch, start_batch)`` fixes the order of the next pass from
 ``(seed, epoch)`` alone and skips its first ``start_batch`` batches (exact mid-epoch resume).
 """
 from __future__ import annotations
@@ -69,6 +71,18 @@ class Loader(Protocol):
 
 class MissingDependency(ImportError):
     """Raised when an optional backend's library is not installed; says how to install it."""
+
+
+def pad_eval_batch(images: torch.Tensor, labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Extend an eval batch to ``size`` with black images labelled -1 (ignored by metrics), so that every
+    rank's batches have the same shapes without counting any image twice."""
+    missing = size - images.shape[0]
+    if missing <= 0:
+        return images, labels
+    pad = torch.zeros((missing, *images.shape[1:]), dtype=images.dtype, device=images.device)
+    images = torch.cat([images, pad.contiguous(memory_format=torch.channels_last)])
+    labels = torch.cat([labels, torch.full((missing,), -1, dtype=labels.dtype, device=labels.device)])
+    return images.contiguous(memory_format=torch.channels_last), labels
 
 
 def check_batch(images: torch.Tensor, labels: torch.Tensor) -> None:

@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import CROP_RATIO, LoaderSpec, MissingDependency
+from .base import CROP_RATIO, LoaderSpec, MissingDependency, pad_eval_batch
 
 INSTALL_HINT = ("install DALI with `bash scripts/install_optional_deps.sh .venv/bin/python` "
                 "(or pip install nvidia-dali-cuda120)")
@@ -225,7 +225,7 @@ class DALILoader:
                     labels = out["labels"].squeeze(-1).long()
                     emitted += 1
                     if not spec.train and emitted == self._len:
-                        images, labels = _pad_eval_batch(images, labels, self._last_batch_size())
+                        images, labels = pad_eval_batch(images, labels, self._last_batch_size())
                     yield images, labels
             finally:
                 del it, pipe      # free the decoder's pre-allocated buffers before the next epoch builds
@@ -233,7 +233,7 @@ class DALILoader:
             raise RuntimeError(f"DALI produced {emitted} of {self._len} batches on rank {spec.rank}")
         while emitted < self._len:   # eval: this rank's shard is empty for the last batches
             emitted += 1
-            yield _pad_eval_batch(*_empty_batch(spec), self._last_batch_size())
+            yield pad_eval_batch(*_empty_batch(spec), self._last_batch_size())
 
     # -- internals ------------------------------------------------------------------------------
     def epoch_order(self, epoch: int, skip_per_shard: int = 0) -> np.ndarray:
@@ -297,13 +297,3 @@ def _empty_batch(spec: LoaderSpec) -> tuple[torch.Tensor, torch.Tensor]:
             torch.empty((0,), dtype=torch.int64, device=spec.device))
 
 
-def _pad_eval_batch(images: torch.Tensor, labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Extend an eval batch to ``size`` with black images labelled -1 (ignored by metrics), so that every
-    rank's batches have the same shapes without counting any image twice."""
-    missing = size - images.shape[0]
-    if missing <= 0:
-        return images, labels
-    pad = torch.zeros((missing, *images.shape[1:]), dtype=images.dtype, device=images.device)
-    images = torch.cat([images, pad.contiguous(memory_format=torch.channels_last)])
-    labels = torch.cat([labels, torch.full((missing,), -1, dtype=labels.dtype, device=labels.device)])
-    return images.contiguous(memory_format=torch.channels_last), labels

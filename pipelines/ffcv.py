@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import CROP_RATIO, LoaderSpec, MissingDependency
+from .base import CROP_RATIO, LoaderSpec, MissingDependency, pad_eval_batch
 
 INSTALL_HINT = ("install FFCV with `bash scripts/install_optional_deps.sh .venv/bin/python` "
                 "(Debian: builds ffcv 1.0.2 against libturbojpeg and OpenCV core/imgproc)")
@@ -277,14 +277,14 @@ class FFCVLoader:
                         torch.set_num_threads(threads)
                     emitted += 1
                     if not spec.train and emitted == self._len:
-                        images, labels = _pad_eval_batch(images, labels, self._last_batch_size())
+                        images, labels = pad_eval_batch(images, labels, self._last_batch_size())
                     yield images, labels
             finally:
                 it.close()
                 torch.set_num_threads(threads)
         while emitted < self._len:   # eval: a rank whose shard ran out one batch early
             emitted += 1
-            yield _pad_eval_batch(*_empty_batch(spec), self._last_batch_size())
+            yield pad_eval_batch(*_empty_batch(spec), self._last_batch_size())
 
     def _last_batch_size(self) -> int:
         return self._per_rank - (self._len - 1) * self.spec.batch_size
@@ -296,13 +296,3 @@ def _empty_batch(spec: LoaderSpec) -> tuple[torch.Tensor, torch.Tensor]:
             torch.empty((0,), dtype=torch.int64, device=spec.device))
 
 
-def _pad_eval_batch(images: torch.Tensor, labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Extend an eval batch to ``size`` with black images labelled -1 (ignored by metrics), so that every
-    rank's batches have the same shapes without counting any image twice."""
-    missing = size - images.shape[0]
-    if missing <= 0:
-        return images, labels
-    pad = torch.zeros((missing, *images.shape[1:]), dtype=images.dtype, device=images.device)
-    images = torch.cat([images, pad.contiguous(memory_format=torch.channels_last)])
-    labels = torch.cat([labels, torch.full((missing,), -1, dtype=labels.dtype, device=labels.device)])
-    return images.contiguous(memory_format=torch.channels_last), labels
