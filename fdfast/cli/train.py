@@ -58,7 +58,9 @@ def main(argv=None) -> int:
     finally:
         distributed.shutdown()
     if info.is_main:
-        print(f"[fdfast] done: step {summary['step']}, {_loss_trend(summary['output_dir'])}, "
+        best = summary.get("best") or {}
+        top1 = f", best top-1 {best['top1']:.2f}% (epoch {best['epoch']})" if "top1" in best else ""
+        print(f"[fdfast] done: step {summary['step']}, {_loss_trend(summary['output_dir'])}{top1}, "
               f"{summary['seconds']:.0f}s this run, outputs in {summary['output_dir']}")
     return 0
 
