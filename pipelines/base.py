@@ -15,6 +15,7 @@ counted exactly once across ranks. ``set_epoch(epoch, start_batch)`` fixes the o
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator, Protocol, runtime_checkable
 
@@ -92,3 +93,73 @@ def check_batch(images: torch.Tensor, labels: torch.Tensor) -> None:
     assert images.is_contiguous(memory_format=torch.channels_last), "images must be channels-last"
     assert labels.dtype == torch.int64 and labels.shape == (images.shape[0],), (labels.dtype, labels.shape)
     assert labels.device == images.device
+
+
+def empty_batch(spec: LoaderSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of no images, in the contract's layout on ``spec.device``; ``pad_eval_batch`` fills it
+    with padding for a rank whose shard ran out before its last eval batches."""
+    images = torch.empty((0, 3, spec.img_size, spec.img_size), dtype=torch.uint8, device=spec.device)
+    return (images.contiguous(memory_format=torch.channels_last),
+            torch.empty((0,), dtype=torch.int64, device=spec.device))
+
+
+def check_center_crop_backend(spec: LoaderSpec, backend: str) -> None:
+    """Reject what a backend with a fixed decode pipeline (no RandAugment, eval = centre crop of the
+    resized image) cannot do: ``auto_augment``, and an eval resize smaller than the crop."""
+    if spec.auto_augment:
+        raise ValueError(f"data.auto_augment={spec.auto_augment!r} is not available with data.backend='{backend}'; "
+                         "use data.backend='torchvision' for RandAugment, or set data.auto_augment=null")
+    if not spec.train and spec.eval_resize < spec.img_size:
+        raise ValueError(f"data.eval_resize={spec.eval_resize} is smaller than the image size {spec.img_size}; "
+                         "the center crop must fit inside the resized image (e.g. 256 for 224)")
+
+
+class CountedLoader:
+    """Pass bookkeeping of the backends that count their own batches (FFCV, DALI).
+
+    A subclass sets ``spec`` and ``_len`` (training: full batches per rank) or calls
+    :meth:`_count_eval_batches` (evaluation), and in ``__iter__`` starts with :meth:`_begin_pass`, hands
+    each batch through :meth:`_finish_batch` and ends with :meth:`_padding_batches`: evaluation pads the
+    pass's last batch and adds padding-only batches where the rank's shard ran out early, so every rank
+    yields ``ceil(ceil(N / world) / batch)`` batches of equal shapes.
+    """
+
+    spec: LoaderSpec
+    _len: int
+    _per_rank: int
+    _epoch: int = 0
+    _start_batch: int = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if not 0 <= start_batch <= self._len:
+            raise ValueError(f"start_batch={start_batch} is outside [0, {self._len}]")
+        self._epoch, self._start_batch = epoch, start_batch
+
+    def _begin_pass(self) -> tuple[int, int]:
+        """(epoch, start batch) of the pass that begins now; the next pass without set_epoch is the next epoch."""
+        epoch, start = self._epoch, self._start_batch
+        self._epoch, self._start_batch = epoch + 1, 0
+        return epoch, start
+
+    def _count_eval_batches(self, num_samples: int) -> None:
+        self._per_rank = math.ceil(num_samples / self.spec.world_size)
+        self._len = math.ceil(self._per_rank / self.spec.batch_size)
+
+    def _last_batch_size(self) -> int:
+        return self._per_rank - (self._len - 1) * self.spec.batch_size
+
+    def _finish_batch(self, images: torch.Tensor, labels: torch.Tensor,
+                      emitted: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch number ``emitted`` (1-based) as it is handed out: the last eval batch padded."""
+        if not self.spec.train and emitted == self._len:
+            return pad_eval_batch(images, labels, self._last_batch_size())
+        return images, labels
+
+    def _padding_batches(self, emitted: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Eval: the batches after the ``emitted`` ones, where this rank's shard is empty."""
+        while emitted < self._len:
+            emitted += 1
+            yield pad_eval_batch(*empty_batch(self.spec), self._last_batch_size())

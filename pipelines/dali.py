@@ -40,7 +40,6 @@ batches of equal shapes and metrics that count ``labels >= 0`` see every image e
 """
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -48,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import CROP_RATIO, LoaderSpec, MissingDependency, pad_eval_batch
+from .base import CROP_RATIO, CountedLoader, LoaderSpec, MissingDependency, check_center_crop_backend
 
 INSTALL_HINT = ("install DALI with `bash scripts/install_optional_deps.sh .venv/bin/python` "
                 "(or pip install nvidia-dali-cuda120)")
@@ -135,17 +134,12 @@ def _unreadable(paths: list[str]) -> list[tuple[str, str]]:
     return bad
 
 
-class DALILoader:
+class DALILoader(CountedLoader):
     """The loader contract (``pipelines.base``) over an ImageFolder, decoded by DALI."""
 
     def __init__(self, spec: LoaderSpec):
         pipeline_def, _, self._Iterator, self._Policy = _import_dali()
-        if spec.auto_augment:
-            raise ValueError(f"data.auto_augment={spec.auto_augment!r} is not available with data.backend='dali'; "
-                             "use data.backend='torchvision' for RandAugment, or set data.auto_augment=null")
-        if not spec.train and spec.eval_resize < spec.img_size:
-            raise ValueError(f"data.eval_resize={spec.eval_resize} is smaller than the image size {spec.img_size}; "
-                             "the center crop must fit inside the resized image (e.g. 256 for 224)")
+        check_center_crop_backend(spec, "dali")
         if not 0 <= spec.rank < spec.world_size:
             raise ValueError(f"rank {spec.rank} is outside world_size {spec.world_size}")
         self.spec = spec
@@ -176,10 +170,7 @@ class DALILoader:
         else:
             if n < w:
                 raise ValueError(f"'{self.root}' has {n} images, fewer than world_size={w}")
-            self._per_rank = math.ceil(n / w)
-            self._len = math.ceil(self._per_rank / bs)
-        self._epoch = 0
-        self._start_batch = 0
+            self._count_eval_batches(n)
 
     # -- contract -------------------------------------------------------------------------------
     @property
@@ -187,18 +178,9 @@ class DALILoader:
         """Images in the whole dataset (all ranks)."""
         return len(self._labels)
 
-    def __len__(self) -> int:
-        return self._len
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        if not 0 <= start_batch <= self._len:
-            raise ValueError(f"start_batch={start_batch} is outside [0, {self._len}]")
-        self._epoch, self._start_batch = epoch, start_batch
-
     def __iter__(self):
         spec, bs = self.spec, self.spec.batch_size
-        epoch, start = self._epoch, self._start_batch
-        self._epoch, self._start_batch = epoch + 1, 0     # next pass without set_epoch: next epoch
+        epoch, start = self._begin_pass()
         # Trimming the shards works for training (every shard holds >= len * batch samples); eval
         # resumes, which are rare and cheap, skip by iterating.
         trim = start if spec.train else 0
@@ -224,16 +206,12 @@ class DALILoader:
                     images = out["images"].permute(0, 3, 1, 2)      # NHWC memory = channels-last NCHW
                     labels = out["labels"].squeeze(-1).long()
                     emitted += 1
-                    if not spec.train and emitted == self._len:
-                        images, labels = pad_eval_batch(images, labels, self._last_batch_size())
-                    yield images, labels
+                    yield self._finish_batch(images, labels, emitted)
             finally:
                 del it, pipe      # free the decoder's pre-allocated buffers before the next epoch builds
         if spec.train and emitted < self._len:
             raise RuntimeError(f"DALI produced {emitted} of {self._len} batches on rank {spec.rank}")
-        while emitted < self._len:   # eval: this rank's shard is empty for the last batches
-            emitted += 1
-            yield pad_eval_batch(*_empty_batch(spec), self._last_batch_size())
+        yield from self._padding_batches(emitted)   # eval: this rank's shard is empty for the last batches
 
     # -- internals ------------------------------------------------------------------------------
     def epoch_order(self, epoch: int, skip_per_shard: int = 0) -> np.ndarray:
@@ -286,14 +264,5 @@ class DALILoader:
             return RuntimeError(f"DALI failed on an image of '{self.root}'; unreadable: {listing}. Remove or "
                                 "replace it (fdfast-convert lists every unreadable file of a folder)")
         return RuntimeError(f"DALI failed while reading '{self.root}': {str(error).strip().splitlines()[-1]}")
-
-    def _last_batch_size(self) -> int:
-        return self._per_rank - (self._len - 1) * self.spec.batch_size
-
-
-def _empty_batch(spec: LoaderSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    images = torch.empty((0, 3, spec.img_size, spec.img_size), dtype=torch.uint8, device=spec.device)
-    return (images.contiguous(memory_format=torch.channels_last),
-            torch.empty((0,), dtype=torch.int64, device=spec.device))
 
 

@@ -35,7 +35,6 @@ Pitfalls handled here (see FFCV issues #350/#396 and the notes in the project do
 """
 from __future__ import annotations
 
-import math
 import os
 import queue
 import threading
@@ -45,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import CROP_RATIO, LoaderSpec, MissingDependency, pad_eval_batch
+from .base import CROP_RATIO, CountedLoader, LoaderSpec, MissingDependency, check_center_crop_backend
 
 INSTALL_HINT = ("install FFCV with `bash scripts/install_optional_deps.sh .venv/bin/python` "
                 "(Debian: builds ffcv 1.0.2 against libturbojpeg and OpenCV core/imgproc)")
@@ -122,7 +121,7 @@ def _usable_workers(requested: int) -> int:
     return max(1, min(requested if requested > 0 else cores, cores, numba.config.NUMBA_NUM_THREADS))
 
 
-class FFCVLoader:
+class FFCVLoader(CountedLoader):
     """The loader contract (``pipelines.base``) over an FFCV ``.beton`` with ``image`` and ``label`` fields."""
 
     def __init__(self, spec: LoaderSpec):
@@ -142,12 +141,7 @@ class FFCVLoader:
         if not path.is_file():
             raise FileNotFoundError(f"FFCV file '{path}' does not exist (data.train / data.val); "
                                     "build it with fdfast-convert")
-        if spec.auto_augment:
-            raise ValueError(f"data.auto_augment={spec.auto_augment!r} is not available with data.backend='ffcv'; "
-                             "use data.backend='torchvision' for RandAugment, or set data.auto_augment=null")
-        if not spec.train and spec.eval_resize < spec.img_size:
-            raise ValueError(f"data.eval_resize={spec.eval_resize} is smaller than the image size {spec.img_size}; "
-                             "the center crop must fit inside the resized image (e.g. 256 for 224)")
+        check_center_crop_backend(spec, "ffcv")
         if spec.ffcv_order not in ("random", "quasi_random"):
             raise ValueError(f"data.ffcv_order={spec.ffcv_order!r}; choose 'random' or 'quasi_random'")
         if spec.interpolation != "bilinear":
@@ -204,10 +198,7 @@ class FFCVLoader:
                 raise ValueError(f"'{path}': {self._num_samples} images give no full batch of {spec.batch_size} "
                                  f"per rank on {spec.world_size} rank(s); lower train.batch_size")
         else:
-            self._per_rank = math.ceil(self._num_samples / spec.world_size)
-            self._len = math.ceil(self._per_rank / spec.batch_size)
-        self._epoch = 0
-        self._start_batch = 0
+            self._count_eval_batches(self._num_samples)
 
     # -- helpers --------------------------------------------------------------------------------
     @staticmethod
@@ -250,18 +241,9 @@ class FFCVLoader:
         """Images in the whole dataset (all ranks)."""
         return self._num_samples
 
-    def __len__(self) -> int:
-        return self._len
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        if not 0 <= start_batch <= self._len:
-            raise ValueError(f"start_batch={start_batch} is outside [0, {self._len}]")
-        self._epoch, self._start_batch = epoch, start_batch
-
     def __iter__(self):
         spec, bs = self.spec, self.spec.batch_size
-        epoch, start = self._epoch, self._start_batch
-        self._epoch, self._start_batch = epoch + 1, 0     # next pass without set_epoch: next epoch
+        epoch, start = self._begin_pass()
         order = self.epoch_order(epoch)
         if spec.train:
             order = order[: self._len * bs]               # drop_last, equal on every rank
@@ -276,23 +258,10 @@ class FFCVLoader:
                     if i == 0:      # the epoch thread has set torch's thread count by now
                         torch.set_num_threads(threads)
                     emitted += 1
-                    if not spec.train and emitted == self._len:
-                        images, labels = pad_eval_batch(images, labels, self._last_batch_size())
-                    yield images, labels
+                    yield self._finish_batch(images, labels, emitted)
             finally:
                 it.close()
                 torch.set_num_threads(threads)
-        while emitted < self._len:   # eval: a rank whose shard ran out one batch early
-            emitted += 1
-            yield pad_eval_batch(*_empty_batch(spec), self._last_batch_size())
-
-    def _last_batch_size(self) -> int:
-        return self._per_rank - (self._len - 1) * self.spec.batch_size
-
-
-def _empty_batch(spec: LoaderSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    images = torch.empty((0, 3, spec.img_size, spec.img_size), dtype=torch.uint8, device=spec.device)
-    return (images.contiguous(memory_format=torch.channels_last),
-            torch.empty((0,), dtype=torch.int64, device=spec.device))
+        yield from self._padding_batches(emitted)   # eval: a rank whose shard ran out one batch early
 
 
