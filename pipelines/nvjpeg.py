@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import CROP_RATIO, LoaderSpec
-from .torchvision import _Folder, _ShardSampler
+from .torchvision import _ShardedFolderLoader
 
 _END = object()
 # Start-of-frame markers nvJPEG decodes: baseline, extended sequential, progressive (Huffman).
@@ -148,44 +148,24 @@ def _to_uint8_(x: torch.Tensor) -> torch.Tensor:
     return x.round_().clamp_(0, 255)
 
 
-class NvJPEGLoader:
+class NvJPEGLoader(_ShardedFolderLoader):
     def __init__(self, spec: LoaderSpec):
         if spec.auto_augment:
             raise ValueError("data.backend='nvjpeg' does not implement RandAugment (data.auto_augment); "
                              "use data.backend=torchvision for fine-tuning with RandAugment")
         if spec.interpolation not in ("bilinear", "bicubic"):
             raise ValueError(f"data.interpolation={spec.interpolation!r}: nvjpeg supports bilinear or bicubic")
-        self.spec = spec
         dev = torch.device(spec.device)
         if dev.type == "cuda" and dev.index is None:  # the producer thread needs an explicit index
             dev = torch.device("cuda", torch.cuda.current_device())
         self.device = dev
-        self.dataset = _Folder(spec.path, None)
+        super().__init__(spec, None)  # the folder and its sampler: order, shards, seeds, eval padding
         self.samples = self.dataset.folder.samples
-        self.sampler = _ShardSampler(len(self.samples), spec)
-        if spec.train and self.sampler.per_rank == 0:
-            raise ValueError(f"{spec.path}: {len(self.samples)} images give no full batch of {spec.batch_size} "
-                             f"on each of {spec.world_size} ranks; lower train.batch_size")
         self.num_threads = max(1, spec.num_workers)
         self.prefetch = max(1, spec.prefetch)
         self.stats = {"decode_jpeg": 0, "pil_fallback": 0}  # images per decoder (nvJPEG on CUDA)
 
-    # -- loader contract -------------------------------------------------------------------------
-    @property
-    def num_samples(self) -> int:
-        return len(self.samples)
-
-    @property
-    def classes(self) -> list[str]:
-        return self.dataset.folder.classes
-
-    def __len__(self) -> int:
-        per = self.sampler.per_rank
-        return per // self.spec.batch_size if self.spec.train else math.ceil(per / self.spec.batch_size)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.sampler.epoch, self.sampler.start = epoch, start_batch
-
+    # -- loader contract (len, set_epoch, num_samples, classes: _ShardedFolderLoader) --------------
     def __iter__(self):
         items = list(self.sampler)  # (index, sample_seed); honours start_batch
         self.sampler.start = 0

@@ -145,22 +145,18 @@ class _ShardSampler(Sampler):
         return self.per_rank - self.start * self.spec.batch_size
 
 
-class TorchvisionLoader:
-    def __init__(self, spec: LoaderSpec):
+class _ShardedFolderLoader:
+    """The contract's bookkeeping shared by the ImageFolder backends (this one and ``pipelines.nvjpeg``):
+    the folder, its :class:`_ShardSampler` (order, shards, per-sample seeds, eval padding), and ``len``,
+    ``set_epoch``, ``num_samples`` and ``classes`` derived from them."""
+
+    def __init__(self, spec: LoaderSpec, transform):
         self.spec = spec
-        self.dataset = _Folder(spec.path, build_transform(spec))
+        self.dataset = _Folder(spec.path, transform)
         self.sampler = _ShardSampler(len(self.dataset), spec)
         if spec.train and self.sampler.per_rank == 0:
             raise ValueError(f"{spec.path}: {len(self.dataset)} images give no full batch of {spec.batch_size} "
                              f"on each of {spec.world_size} ranks; lower train.batch_size")
-        workers = max(0, spec.num_workers)
-        self.loader = DataLoader(
-            self.dataset, batch_size=spec.batch_size, sampler=self.sampler, num_workers=workers,
-            pin_memory=spec.device.type == "cuda", drop_last=spec.train,
-            persistent_workers=workers > 0, prefetch_factor=spec.prefetch if workers > 0 else None,
-            # DataLoader draws a worker base seed per iterator; from the global RNG that would shift
-            # the training RNG stream (drop path) depending on where an epoch was resumed.
-            generator=torch.Generator().manual_seed(spec.seed))
 
     @property
     def num_samples(self) -> int:
@@ -176,6 +172,19 @@ class TorchvisionLoader:
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.epoch, self.sampler.start = epoch, start_batch
+
+
+class TorchvisionLoader(_ShardedFolderLoader):
+    def __init__(self, spec: LoaderSpec):
+        super().__init__(spec, build_transform(spec))
+        workers = max(0, spec.num_workers)
+        self.loader = DataLoader(
+            self.dataset, batch_size=spec.batch_size, sampler=self.sampler, num_workers=workers,
+            pin_memory=spec.device.type == "cuda", drop_last=spec.train,
+            persistent_workers=workers > 0, prefetch_factor=spec.prefetch if workers > 0 else None,
+            # DataLoader draws a worker base seed per iterator; from the global RNG that would shift
+            # the training RNG stream (drop path) depending on where an epoch was resumed.
+            generator=torch.Generator().manual_seed(spec.seed))
 
     def __iter__(self):
         dev = self.spec.device
