@@ -499,6 +499,32 @@ def _fmt_keys(keys: Sequence[str], limit: int = _MAX_LISTED) -> str:
     return shown + (f" ... and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+def state_dict_mismatch(file_sd: Mapping[str, Any], model_sd: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """``(missing, unexpected)``: the model's keys absent from the file (model order) and the file's keys
+    absent from the model (file order). Shared by the student loaders here and the teacher loader."""
+    return [k for k in model_sd if k not in file_sd], [k for k in file_sd if k not in model_sd]
+
+
+def shape_mismatches(file_sd: Mapping[str, Any], model_sd: Mapping[str, Any],
+                     keys: Optional[Iterable[str]] = None) -> dict[str, str]:
+    """``{key: "key: file (shape) vs model (shape)"}`` for each of ``keys`` (default: the file's, in its
+    order) that both hold with different shapes."""
+    return {k: f"{k}: file {tuple(file_sd[k].shape)} vs model {tuple(model_sd[k].shape)}"
+            for k in (file_sd if keys is None else keys)
+            if k in model_sd and tuple(file_sd[k].shape) != tuple(model_sd[k].shape)}
+
+
+def _describe_key_mismatch(missing: Sequence[str], unexpected: Sequence[str], file_sd: Mapping[str, Any],
+                           model_sd: Mapping[str, Any]) -> str:
+    """The key lists of a failed load (either may be empty, not both) and what the keys suggest."""
+    parts = []
+    if missing:
+        parts.append(f"missing from the file ({len(missing)}): {_fmt_keys(missing)}")
+    if unexpected:
+        parts.append(f"in the file but not in the model ({len(unexpected)}): {_fmt_keys(unexpected)}")
+    return "; ".join(parts) + "." + _prefix_hint(unexpected, set(model_sd)) + _block_hint(file_sd, model_sd)
+
+
 def _matches(key: str, prefixes: Iterable[str]) -> bool:
     return any(key.startswith(p) for p in prefixes)
 
@@ -559,14 +585,13 @@ def load_converted_state_dict(
     expected = tuple(expected_missing)
 
     bad_shapes = []
-    for k, v in list(file_sd.items()):
-        if k in model_sd and tuple(v.shape) != tuple(model_sd[k].shape):
-            if _matches(k, expected):
-                conv.dropped[k] = (f"shape {tuple(v.shape)} differs from the model's {tuple(model_sd[k].shape)}; "
-                                   "starts fresh like the rest of the head")
-                del file_sd[k]
-            else:
-                bad_shapes.append(f"{k}: file {tuple(v.shape)} vs model {tuple(model_sd[k].shape)}")
+    for k, diff in shape_mismatches(file_sd, model_sd).items():
+        if _matches(k, expected):
+            conv.dropped[k] = (f"shape {tuple(file_sd[k].shape)} differs from the model's "
+                               f"{tuple(model_sd[k].shape)}; starts fresh like the rest of the head")
+            del file_sd[k]
+        else:
+            bad_shapes.append(diff)
     if bad_shapes:
         raise CheckpointShapeError(
             f"{source} ({layout}) does not fit this {arch} model: {len(bad_shapes)} tensor(s) differ in shape: "
@@ -574,19 +599,12 @@ def load_converted_state_dict(
             "settings (model.student.embed_dim / depth / num_heads / patch_size / heads / depths) match the "
             "distillation run that wrote it.")
 
-    missing = [k for k in model_sd if k not in file_sd]
-    unexpected = [k for k in file_sd if k not in model_sd]
+    missing, unexpected = state_dict_mismatch(file_sd, model_sd)
     bad_missing = [k for k in missing if not _matches(k, expected)]
     if bad_missing or unexpected:
-        parts = []
-        if bad_missing:
-            parts.append(f"missing from the file ({len(bad_missing)}): {_fmt_keys(bad_missing)}")
-        if unexpected:
-            parts.append(f"in the file but not in the model ({len(unexpected)}): {_fmt_keys(unexpected)}")
-        hint = _prefix_hint(unexpected, set(model_sd)) + _block_hint(file_sd, model_sd)
         raise CheckpointKeyError(
-            f"{source} ({layout}) does not fit this {arch} model; " + "; ".join(parts) + "." + hint +
-            " Check that the file is a student of this architecture (model.student.*) and, if a part of the "
+            f"{source} ({layout}) does not fit this {arch} model; "
+            + _describe_key_mismatch(bad_missing, unexpected, file_sd, model_sd) + " Check that the file is a student of this architecture (model.student.*) and, if a part of the "
             "model is meant to start fresh, list its prefix in expected_missing.")
 
     result = model.load_state_dict(file_sd, strict=False)
@@ -1031,8 +1049,7 @@ def load_official_distill_checkpoint(model: nn.Module, path: str | os.PathLike, 
     target = unwrap_model(model)
     arch = getattr(target, "arch", None) or detect_arch(getattr(target, "encoder", target))
     model_sd = target.state_dict()
-    bad_shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(model_sd[k].shape)}"
-                  for k, v in mapped.items() if k in model_sd and tuple(v.shape) != tuple(model_sd[k].shape)]
+    bad_shapes = list(shape_mismatches(mapped, model_sd).values())
     if bad_shapes:
         hint = ""
         if any(s.startswith("decoder.") for s in bad_shapes):
@@ -1040,20 +1057,14 @@ def load_official_distill_checkpoint(model: nn.Module, path: str | os.PathLike, 
                     "used another teacher (model.teacher.*) or student width (model.student.embed_dim).")
         raise CheckpointShapeError(f"{file} (fd-official) does not fit this {arch} DistillModel: "
                                    f"{_fmt_keys(bad_shapes)}.{hint}")
-    missing = [k for k in model_sd if k not in mapped]
-    unexpected = [k for k in mapped if k not in model_sd]
+    missing, unexpected = state_dict_mismatch(mapped, model_sd)
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing from the file ({len(missing)}): {_fmt_keys(missing)}")
-        if unexpected:
-            parts.append(f"in the file but not in the model ({len(unexpected)}): {_fmt_keys(unexpected)}")
-        hint = _prefix_hint(unexpected, set(model_sd)) + _block_hint(mapped, model_sd)
+        hint = ""
         if any(k.startswith("decoder.") for k in missing):
-            hint += (" The file holds no projector (decoder.*): it is a stripped distilled encoder; load it "
-                     "with load_student_weights instead.")
+            hint = (" The file holds no projector (decoder.*): it is a stripped distilled encoder; load it "
+                    "with load_student_weights instead.")
         raise CheckpointKeyError(f"{file} (fd-official) does not fit this {arch} DistillModel; "
-                                 + "; ".join(parts) + "." + hint)
+                                 + _describe_key_mismatch(missing, unexpected, mapped, model_sd) + hint)
     target.load_state_dict(mapped, strict=True)
     report = LoadReport(source=str(path), layout=LAYOUT_OFFICIAL, arch=arch, loaded=len(mapped), missing=[],
                         unexpected=[], dropped=dropped, resized={})

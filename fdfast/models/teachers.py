@@ -49,6 +49,8 @@ from timm.layers import QuickGELU
 from timm.models import swin_transformer as timm_swin
 from timm.models import vision_transformer as timm_vit
 
+from .interop import shape_mismatches, state_dict_mismatch
+
 __all__ = ["Teacher", "TeacherLoadError", "build_teacher", "load_teacher_state_dict", "TEACHER_KINDS"]
 
 TEACHER_KINDS = ("clip", "dino", "deit", "esvit")
@@ -526,8 +528,7 @@ def _check_architecture(kind: str, path: Path, fp: dict, model: nn.Module, model
 
 
 def _check_keys(kind: str, path: Path, sd: dict, model_sd: dict, model_name: str) -> None:
-    missing = [k for k in model_sd if k not in sd]
-    unexpected = [k for k in sd if k not in model_sd]
+    missing, unexpected = state_dict_mismatch(sd, model_sd)
     if missing or unexpected:
         parts = []
         if missing:
@@ -537,8 +538,7 @@ def _check_keys(kind: str, path: Path, sd: dict, model_sd: dict, model_name: str
         raise TeacherLoadError(
             f"{path}: does not load into teacher kind={kind!r}, model.teacher.model={model_name!r}: "
             f"{'; '.join(parts)}. Expected {_KINDS[kind].expected}.")
-    bad = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(model_sd[k].shape)}"
-           for k in model_sd if torch.is_tensor(sd[k]) and tuple(sd[k].shape) != tuple(model_sd[k].shape)]
+    bad = list(shape_mismatches(sd, model_sd, keys=[k for k in model_sd if torch.is_tensor(sd[k])]).values())
     if bad:
         raise TeacherLoadError(
             f"{path}: {len(bad)} tensors have the wrong shape for model.teacher.model={model_name!r} "
