@@ -396,6 +396,22 @@ def test_a_head_of_another_task_starts_fresh(tmp_path):
         I.load_student_weights(dst, tmp_path / "ft7.safetensors", expected_missing=())
 
 
+@pytest.mark.parametrize("fields,num_classes,finetune", [(BEIT, 0, False), (BEIT, 5, True), (SWIN, 4, False)])
+def test_students_from_fields_come_from_the_trainers_builder(fields, num_classes, finetune):
+    from fdfast.config import StudentConfig
+    from fdfast.models.student import build_student
+
+    torch.manual_seed(0)
+    built = I.build_timm_student_from_fields(fields, num_classes, finetune)
+    cfg = StudentConfig(**fields, drop_path=0.0, num_classes=num_classes)
+    torch.manual_seed(0)
+    reference = build_student(cfg, finetune=finetune or fields["arch"] == "swinv2", fd_init=False)
+    a, b = built.state_dict(), reference.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="fine-tune layout"):  # a distillation ViT has no class head
+        I.build_timm_student_from_fields(BEIT, 5)
+
+
 # ----------------------------------------------------------------------------------------------
 # timm export
 # ----------------------------------------------------------------------------------------------

@@ -680,17 +680,30 @@ def build_timm_student_from_fields(fields: Mapping[str, Any], num_classes: int =
                                    finetune: bool = False) -> nn.Module:
     """The timm student for ``config['model']['student']`` (a plain dict), with timm's default init.
 
-    Mirrors ``fdfast.models.student`` without FD's init (the weights are loaded afterwards anyway).
+    Built by ``fdfast.models.student.build_student`` (the trainer's own builder) without FD's init (the
+    weights are loaded afterwards anyway), from the values :func:`timm_student_kwargs` records; ``drop_path``
+    defaults to 0. ``num_classes`` sizes the head: a ViT has one only in the fine-tune layout, while SwinV2 is
+    the same network in both layouts, so its head follows ``num_classes`` alone.
     """
-    from timm.models.beit import Beit  # noqa: PLC0415
-    from timm.models.swin_transformer_v2 import SwinTransformerV2  # noqa: PLC0415
+    from ..config import StudentConfig  # noqa: PLC0415 - keeps interop importable without the trainer's modules
+    from .student import build_student  # noqa: PLC0415
 
     arch, kwargs = timm_student_kwargs(fields, num_classes=num_classes, finetune=finetune)
-    drop_path = float(fields.get("drop_path", 0.0))
+    common = dict(arch=arch, img_size=kwargs["img_size"], patch_size=kwargs["patch_size"],
+                  embed_dim=kwargs["embed_dim"], mlp_ratio=kwargs["mlp_ratio"],
+                  drop_path=float(fields.get("drop_path", 0.0)), num_classes=kwargs["num_classes"])
     if arch == "beit":
-        return Beit(**kwargs, drop_path_rate=drop_path)
-    kwargs = dict(kwargs, depths=tuple(kwargs["depths"]), num_heads=tuple(kwargs["num_heads"]))
-    return SwinTransformerV2(**kwargs, drop_path_rate=drop_path)
+        if kwargs["num_classes"] and not finetune:
+            raise ValueError(f"num_classes={num_classes}: a ViT student has a class head only in the fine-tune "
+                             "layout; pass finetune=True")
+        cfg = StudentConfig(**common, depth=kwargs["depth"], num_heads=kwargs["num_heads"],
+                            init_values=kwargs["init_values"],
+                            shared_rel_pos_bias=bool(fields.get("shared_rel_pos_bias", True)))
+    else:
+        cfg = StudentConfig(**common, depths=kwargs["depths"], heads=kwargs["num_heads"],
+                            window_size=kwargs["window_size"])
+        finetune = True  # SwinV2: one network in both layouts; build_student sizes its head only here
+    return build_student(cfg, finetune=finetune, fd_init=False)
 
 
 def default_timm_model_name(arch: str, model_args: Mapping[str, Any]) -> str:
