@@ -431,6 +431,15 @@ def print_table(title: str, columns: list[str], rows: list[list[str]], notes: li
 # ----------------------------------------------------------------------------------------------
 # Modes
 # ----------------------------------------------------------------------------------------------
+def _record_failure(result: dict, e: BaseException, show: bool = True) -> None:
+    """A variant failed: keep its error and traceback in ``result`` (one failing variant must not stop the
+    others) and print the traceback when ``show``."""
+    result["error"] = f"{type(e).__name__}: {e}"
+    result["traceback"] = traceback.format_exc(limit=20)
+    if show:
+        print(result["traceback"], file=sys.stderr, flush=True)
+
+
 def parse_variant(text: str) -> tuple[str, list[str]]:
     """``NAME`` or ``NAME:key=value,key=value`` (values must not contain commas)."""
     name, _, rest = text.partition(":")
@@ -495,10 +504,7 @@ def run_step_mode(args, info, rec: Recorder) -> None:
             result["mfu_measured"] = achieved / peak_measured if peak_measured else None
             del built, fn
         except Exception as e:  # noqa: BLE001 - one failing variant must not stop the others
-            result["error"] = f"{type(e).__name__}: {e}"
-            result["traceback"] = traceback.format_exc(limit=20)
-            if main:
-                print(result["traceback"], file=sys.stderr, flush=True)
+            _record_failure(result, e, show=main)
         rec.add(result)
         if main:
             print(f"[bench] {name}: " + (f"{result['img_per_s']:.1f} img/s, step {result['step_ms']['median']:.1f} ms"
@@ -653,9 +659,7 @@ def run_teacher_mode(args, info, rec: Recorder) -> None:
                     result["flash_only_error"] = f"{type(e).__name__}: {e}"[:300]
             del fn, target, teacher, call
         except Exception as e:  # noqa: BLE001
-            result["error"] = f"{type(e).__name__}: {e}"
-            result["traceback"] = traceback.format_exc(limit=20)
-            print(result["traceback"], file=sys.stderr, flush=True)
+            _record_failure(result, e)
         rec.add(result)
     res = [r for r in rec.data["results"] if r["mode"] == "teacher"]
     base = next((r for r in res if r["name"] == "official-fp16" and r["ok"]), None)
@@ -711,15 +715,13 @@ def _loader_paths(args, backend: str) -> str:
     return args.data or ""
 
 
-def run_loader_mode(args, info, rec: Recorder) -> None:
-    from pipelines.base import check_batch  # noqa: PLC0415
-
-    dev = info.device
-    cfg = load_bench_config(args.config, list(args.overrides))
+def _measure_each_loader(args, cfg, info, rec: Recorder, mode: str, measure) -> None:
+    """One result row per backend of ``args.backends``: skipped (with the reason) when its loader cannot be
+    built here, else ``ok`` with what ``measure(loader, spec, note)`` returns, or the failure."""
     bs = cfg.train.batch_size
     for backend in args.backends:
-        result: dict[str, Any] = {"mode": "loader", "name": backend, "batch_size": bs, "ok": False}
-        spec = _loader_spec(cfg, backend, _loader_paths(args, backend), dev, info, bs, args.workers)
+        result: dict[str, Any] = {"mode": mode, "name": backend, "batch_size": bs, "ok": False}
+        spec = _loader_spec(cfg, backend, _loader_paths(args, backend), info.device, info, bs, args.workers)
         loader, note = _build_loader(backend, spec)
         if loader is None:
             result["skipped"] = note
@@ -727,26 +729,37 @@ def run_loader_mode(args, info, rec: Recorder) -> None:
             rec.note(note)
             continue
         try:
-            it = _endless(loader)
-            for i in range(args.warmup):
-                x, y = next(it)
-                if i == 0:
-                    check_batch(x, y)
-            _sync(dev)
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                x, y = next(it)
-            _sync(dev)
-            wall = time.perf_counter() - t0
-            result.update(ok=True, img_per_s=args.steps * bs / wall, workers=spec.num_workers, note=note,
-                          num_samples=loader.num_samples, stats=getattr(loader, "stats", None))
-            it.close()
+            result.update(ok=True, **measure(loader, spec, note))
         except Exception as e:  # noqa: BLE001
-            result["error"] = f"{type(e).__name__}: {e}"
-            result["traceback"] = traceback.format_exc(limit=20)
-            print(result["traceback"], file=sys.stderr, flush=True)
+            _record_failure(result, e)
         del loader
         rec.add(result)
+
+
+def run_loader_mode(args, info, rec: Recorder) -> None:
+    from pipelines.base import check_batch  # noqa: PLC0415
+
+    dev = info.device
+    cfg = load_bench_config(args.config, list(args.overrides))
+    bs = cfg.train.batch_size
+
+    def measure(loader, spec, note) -> dict[str, Any]:
+        it = _endless(loader)
+        for i in range(args.warmup):
+            x, y = next(it)
+            if i == 0:
+                check_batch(x, y)
+        _sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            x, y = next(it)
+        _sync(dev)
+        wall = time.perf_counter() - t0
+        it.close()
+        return dict(img_per_s=args.steps * bs / wall, workers=spec.num_workers, note=note,
+                    num_samples=loader.num_samples, stats=getattr(loader, "stats", None))
+
+    _measure_each_loader(args, cfg, info, rec, "loader", measure)
     res = [r for r in rec.data["results"] if r["mode"] == "loader"]
     tv = next((r for r in res if r["name"] == "torchvision" and r["ok"]), None)
     ratios = {f"{r['name']}/torchvision": r["img_per_s"] / tv["img_per_s"] for r in res if r["ok"] and tv}
@@ -774,44 +787,32 @@ def run_e2e_mode(args, info, rec: Recorder) -> None:
     rec.add({"mode": "e2e", "name": "step-only (synthetic)", "ok": True, "img_per_s": step_ips, "batch_size": bs,
              "step_ms": ref["step_ms"], "data_wait": 0.0})
     log_every = cfg.train.log_every
-    for backend in args.backends:
-        result: dict[str, Any] = {"mode": "e2e", "name": backend, "batch_size": bs, "ok": False}
-        spec = _loader_spec(cfg, backend, _loader_paths(args, backend), dev, info, bs, args.workers)
-        loader, note = _build_loader(backend, spec)
-        if loader is None:
-            result["skipped"] = note
-            rec.add(result)
-            rec.note(note)
-            continue
-        try:
-            it = _endless(loader)
-            for i in range(args.warmup):
-                images, labels = next(it)
-                built.run(images, labels, i)
-            _sync(dev)
-            wait = 0.0
-            t0 = time.perf_counter()
-            for i in range(args.steps):
-                tw = time.perf_counter()
-                images, labels = next(it)
-                wait += time.perf_counter() - tw
-                out = built.run(images, labels, args.warmup + i)
-                if (i + 1) % log_every == 0:
-                    float(out["loss"])  # the trainer's periodic metric read (a host sync)
-            _sync(dev)
-            wall = time.perf_counter() - t0
-            ips = args.steps * bs / wall
-            per_rank = _gather(ips, info)
-            result.update(ok=True, img_per_s=ips, img_per_s_per_rank=per_rank, img_per_s_total=sum(per_rank),
-                          data_wait=wait / wall, vs_step_only=ips / step_ips, workers=spec.num_workers, note=note,
-                          stats=getattr(loader, "stats", None))
-            it.close()
-        except Exception as e:  # noqa: BLE001
-            result["error"] = f"{type(e).__name__}: {e}"
-            result["traceback"] = traceback.format_exc(limit=20)
-            print(result["traceback"], file=sys.stderr, flush=True)
-        del loader
-        rec.add(result)
+
+    def measure(loader, spec, note) -> dict[str, Any]:
+        it = _endless(loader)
+        for i in range(args.warmup):
+            images, labels = next(it)
+            built.run(images, labels, i)
+        _sync(dev)
+        wait = 0.0
+        t0 = time.perf_counter()
+        for i in range(args.steps):
+            tw = time.perf_counter()
+            images, labels = next(it)
+            wait += time.perf_counter() - tw
+            out = built.run(images, labels, args.warmup + i)
+            if (i + 1) % log_every == 0:
+                float(out["loss"])  # the trainer's periodic metric read (a host sync)
+        _sync(dev)
+        wall = time.perf_counter() - t0
+        ips = args.steps * bs / wall
+        per_rank = _gather(ips, info)
+        it.close()
+        return dict(img_per_s=ips, img_per_s_per_rank=per_rank, img_per_s_total=sum(per_rank),
+                    data_wait=wait / wall, vs_step_only=ips / step_ips, workers=spec.num_workers, note=note,
+                    stats=getattr(loader, "stats", None))
+
+    _measure_each_loader(args, cfg, info, rec, "e2e", measure)
     res = [r for r in rec.data["results"] if r["mode"] == "e2e"]
     rows = [[r["name"], _fmt(r.get("img_per_s")) if r["ok"] else ("skipped" if "skipped" in r else "FAILED"),
              _fmt(r["data_wait"] * 100 if r.get("data_wait") is not None else None),
