@@ -311,6 +311,19 @@ def _flex_attention_class():
 _FLEX_CLASSES: Optional[tuple] = None
 
 
+def _retype_modules(model: nn.Module, old: type, new: type) -> tuple[int, int]:
+    """Give every module of exactly class ``old`` the class ``new`` (same parameters, buffers and keys);
+    returns (how many were changed, how many were ``new`` already)."""
+    changed = already = 0
+    for m in model.modules():
+        if type(m) is old:
+            m.__class__ = new
+            changed += 1
+        elif type(m) is new:
+            already += 1
+    return changed, already
+
+
 def use_flex_attention(model: nn.Module) -> int:
     """Swap every timm Beit ``Attention`` in ``model`` for the FlexAttention version (same
     parameters, buffers and state-dict keys: only the class changes). Returns how many were swapped.
@@ -319,13 +332,7 @@ def use_flex_attention(model: nn.Module) -> int:
     if _FLEX_CLASSES is None:
         _FLEX_CLASSES = _flex_attention_class()
     base, flex_cls = _FLEX_CLASSES
-    n = 0
-    for m in model.modules():
-        if type(m) is base:
-            m.__class__ = flex_cls
-            n += 1
-        elif type(m) is flex_cls:
-            n += 1
+    n = sum(_retype_modules(model, base, flex_cls))
     if n == 0:
         raise ValueError(f"train.attention='flex' applies to the Beit (ViT) student; {type(model).__name__} has no "
                          "timm Beit attention. Use train.attention=sdpa")
@@ -338,12 +345,7 @@ def use_sdpa_attention(model: nn.Module) -> int:
     if _FLEX_CLASSES is None:
         return 0
     base, flex_cls = _FLEX_CLASSES
-    n = 0
-    for m in model.modules():
-        if type(m) is flex_cls:
-            m.__class__ = base
-            n += 1
-    return n
+    return _retype_modules(model, flex_cls, base)[0]
 
 
 # ----------------------------------------------------------------------------------------------
