@@ -2,6 +2,8 @@
 a torchvision reference for evaluation crops, and measurements of what a training crop did."""
 from __future__ import annotations
 
+import contextlib
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +124,21 @@ def ffcv_rank_worker(rank: int, world: int, init_file: str, beton: str, out_dir:
         torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def hang_guard(message: str, seconds: int = 60):
+    """Fail the block with ``TimeoutError(message)`` instead of hanging the test run (SIGALRM)."""
+    def hung(*_):
+        raise TimeoutError(message)
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def hide_package(monkeypatch, package: str) -> None:

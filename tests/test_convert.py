@@ -17,7 +17,7 @@ from PIL import Image
 import ffcv.writer  # noqa: F401 - a missing FFCV must fail this file, not skip it
 from ffcv.reader import Reader
 
-from _loader_helpers import hide_package, make_mixed_folder
+from _loader_helpers import hang_guard, hide_package, make_mixed_folder
 from fdfast.cli import convert as C
 from pipelines.generate import make_image_folder
 
@@ -178,18 +178,9 @@ def test_a_dying_writer_worker_fails_the_run_instead_of_hanging(split_root, tmp_
         return original(self, index)
 
     monkeypatch.setattr(C.FolderSamples, "__getitem__", crash)
-
-    def timeout(*_):
-        raise TimeoutError("the conversion hung after its worker died")
-
-    previous = signal.signal(signal.SIGALRM, timeout)
-    signal.alarm(60)
-    try:
+    with hang_guard("the conversion hung after its worker died", seconds=60):
         with pytest.raises(RuntimeError, match="writer worker died"):
             C.convert_folder(split_root / "val", tmp_path / "v.beton", num_workers=1)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 

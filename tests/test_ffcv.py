@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import io
-import signal
 
 import numpy as np
 import pytest
@@ -17,8 +16,9 @@ from rich.console import Console
 
 import ffcv.loader  # noqa: F401 - a missing FFCV must fail this file, not skip it
 
-from _loader_helpers import (COORD_CLASSES, COORD_PER_CLASS, collect, crop_geometry, ffcv_rank_worker, hide_package,
-                             image_ids, make_coordinate_folder, make_mixed_folder, match_to_reference, reference_eval_crops)
+from _loader_helpers import (COORD_CLASSES, COORD_PER_CLASS, collect, crop_geometry, ffcv_rank_worker, hang_guard,
+                             hide_package, image_ids, make_coordinate_folder, make_mixed_folder, match_to_reference,
+                             reference_eval_crops)
 from fdfast.cli.convert import convert_folder, list_samples
 from pipelines import LoaderSpec, MissingDependency, build_loader_from_spec, check_batch
 
@@ -186,19 +186,10 @@ def test_a_failing_loader_thread_raises_instead_of_hanging(eval_loader, monkeypa
         return original(self, b_ix, *args)
 
     monkeypatch.setattr(eval_loader._EpochIterator, "run_pipeline", fail_on_second)
-
-    def hung(*_):
-        raise TimeoutError("the loader hung after its thread failed")
-
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(60)
-    try:
+    with hang_guard("the loader hung after its thread failed", seconds=60):
         with pytest.raises(RuntimeError, match="decoder exploded"):
             for _ in eval_loader:
                 pass
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
     monkeypatch.undo()
     assert sum(len(y) for _, y in eval_loader) == 40       # the next epoch works again
 
