@@ -104,8 +104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, OSError) as e:  # CheckpointReadError / CheckpointKeyError are ValueErrors
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
-    if not args.quiet:
-        print(f"wrote {out}")
+    print(out)  # stdout: just the written path, for scripts; the details went to the log (stderr)
     return 0
 
 
