@@ -122,6 +122,13 @@ def compile_module(module: nn.Module, cfg: Any, *, scope: Optional[str] = None,
     if not blocks:
         raise ValueError(f"train.compile_scope='blocks': {type(module).__name__} has no `blocks` container; "
                          "use train.compile_scope=whole")
+    # Blocks differ in Python constants that dynamo guards on (the drop-path rate ramps with depth; the
+    # first block has none), so each block may need its own graph. Past the recompile limit (default 8)
+    # dynamo silently runs the remaining blocks eagerly, so raise it to cover every block.
+    limit = 2 * len(blocks) + 8
+    for name in ("recompile_limit", "cache_size_limit"):
+        if getattr(torch._dynamo.config, name, limit) < limit:
+            setattr(torch._dynamo.config, name, limit)
     for blk in blocks:
         blk.compile(**kwargs)  # nn.Module.compile: in place; identical blocks reuse one compiled graph
     return module

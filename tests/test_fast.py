@@ -336,3 +336,25 @@ def _flex_sdpa_cuda(model, x, compiled, outs, gs):
         (y * torch.linspace(-1, 1, y.shape[-1], device="cuda")).sum().backward()
         outs[kind] = y.detach()
         gs[kind] = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def test_block_compile_covers_every_block_past_the_recompile_limit():
+    """A 12-block student with a drop-path ramp: every block gets a compiled graph. With dynamo's default
+    recompile limit (8) the deeper blocks would silently run eagerly."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled = []
+
+    def counting_backend(gm, example_inputs):
+        compiled.append(gm)
+        return gm.forward
+
+    s = StudentConfig(img_size=32, patch_size=8, embed_dim=32, depth=12, num_heads=2, drop_path=0.3)
+    model = DistillModel(s, 48)
+    cfg = tiny_cfg()
+    cfg.train.compile_scope = "blocks"
+    fast.compile_module(model.encoder, cfg, backend=counting_backend)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert len(compiled) > 8, f"only {len(compiled)} block graphs compiled: blocks past the limit ran eagerly"
+    torch._dynamo.reset()
