@@ -83,6 +83,8 @@ class ModelConfig:
     """SmoothL1 beta."""
     pretrained: str = ""
     """Fine-tune / probe: distilled student file (fdfast checkpoint, official FD .pth, timm weights)."""
+    pretrained_trust_pickle: bool = False
+    """Allow `pretrained` files that pickle classes other than the known ones (runs code from the file)."""
 
 
 @dataclass

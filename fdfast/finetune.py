@@ -182,12 +182,13 @@ def resolve_pretrained(cfg: FDConfig, info: DistInfo) -> str:
     return path
 
 
-def load_pretrained(model: nn.Module, path: str, arch: str, info: DistInfo) -> dict:
+def load_pretrained(model: nn.Module, path: str, arch: str, info: DistInfo, trust_pickle: bool = False) -> dict:
     from .models.interop import load_student_weights  # noqa: PLC0415
 
     # Strict: anything missing besides the fresh classifier (and the ViT's fresh fc_norm) is an error,
     # unlike the official load_state_dict(strict=False) (spec pitfall 7).
-    report = load_student_weights(model, path, arch=arch, expected_missing=("head.", "fc_norm."))
+    report = load_student_weights(model, path, arch=arch, expected_missing=("head.", "fc_norm."),
+                                  trust_pickle=trust_pickle)
     if info.is_main:
         log(report.summary())
     return {"pretrained": str(path), "pretrained_layout": report.layout, "pretrained_tensors": report.loaded}
@@ -358,7 +359,7 @@ def build_finetune_task(cfg: FDConfig, info: DistInfo):
     extra: dict = {"pretrained": "", "pretrained_layout": "", "pretrained_tensors": 0}
     path = resolve_pretrained(cfg, info)
     if path:
-        extra = load_pretrained(model, path, s.arch, info)
+        extra = load_pretrained(model, path, s.arch, info, cfg.model.pretrained_trust_pickle)
 
     if probe:
         head = make_probe_head(model, s.arch)

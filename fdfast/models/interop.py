@@ -180,7 +180,7 @@ def torch_load_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False
         raise CheckpointReadError(
             f"{path}: refusing to unpickle: {what}. Only tensors, plain values and the known data-only "
             "classes (yacs CfgNode, argparse.Namespace) are read by default. If you trust where the file "
-            "came from, load it with trust_pickle=True (read_student_state_dict / load_student_weights); "
+            "came from, set model.pretrained_trust_pickle=true (Python: trust_pickle=True); "
             "that runs code stored in the file.") from None
     except Exception as e:
         raise CheckpointReadError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
