@@ -188,7 +188,7 @@ def train(cfg: FDConfig, info: Optional[DistInfo] = None,
 
     optimizer, step_fn, schedule = build_training(task, cfg, info, steps_per_epoch)
 
-    step = 0
+    step = resumed_at = 0
     best: dict[str, Any] = {}
     metrics_path = out / "metrics.jsonl"
     latest = ckpt.find_latest(out, info.world_size) if tr.resume else None
@@ -200,7 +200,7 @@ def train(cfg: FDConfig, info: Optional[DistInfo] = None,
         for k, v in state.get("extra", {}).items():
             task.extra_state[k] = v
         best = dict(state.get("best", {}))
-        step = int(state["step"])
+        step = resumed_at = int(state["step"])
         if rng is not None:
             ckpt.set_rng_state(rng)
         if info.is_main:
@@ -279,7 +279,8 @@ def train(cfg: FDConfig, info: Optional[DistInfo] = None,
                         log(f"eval epoch {ep}: " + ", ".join(f"{k}={v:.4f}" for k, v in res.items()
                                                               if isinstance(v, float)))
         check_finite(step)
-        save(step)
+        if latest is None or step > resumed_at:  # a rerun of a finished job rewrites nothing
+            save(step)
     finally:
         progress.close()
     if on_end is not None:

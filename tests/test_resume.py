@@ -99,3 +99,15 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(tiny_cfg, tmp_path, mon
     assert latest.name == "step_00000006"  # steps 5-6 were good; NaN from step 7 is never saved
     state, _ = ckpt.load_checkpoint(latest)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_rerunning_a_finished_run_changes_nothing(tiny_cfg, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_cfg(train={"output_dir": str(out), "max_steps": 3}))
+    path = ckpt.find_latest(out)
+    before = (path / "state.pt").stat().st_mtime_ns
+    lines = (out / "metrics.jsonl").read_text()
+    summary = train(tiny_cfg(train={"output_dir": str(out), "max_steps": 3}))
+    assert summary["step"] == 3
+    assert (path / "state.pt").stat().st_mtime_ns == before
+    assert (out / "metrics.jsonl").read_text() == lines
