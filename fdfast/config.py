@@ -106,7 +106,8 @@ class DataConfig:
     max_scale: float = 1.0
     """RandomResizedCrop upper scale bound."""
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"
-    """Training crop interpolation (FD distillation: bilinear; fine-tuning: bicubic)."""
+    """Training crop interpolation (FD distillation: bilinear; fine-tuning: bicubic). FFCV always
+    resizes with OpenCV's INTER_AREA and ignores it."""
     eval_resize: int = 256
     """Evaluation: resize the shorter side to this, then center-crop to the model size."""
     num_workers: int = 8
@@ -417,7 +418,7 @@ def validate(cfg: FDConfig) -> None:
              f"model.student.depths {s.depths} and heads {s.heads} need the same length")
         need(s.img_size % (s.patch_size * 2 ** (len(s.depths) - 1)) == 0,
              f"model.student.img_size={s.img_size} must be divisible by patch_size*2^(stages-1)")
-    if d.backend != "synthetic" and tr.task is not None:
+    if d.backend != "synthetic":
         need(bool(d.train), f"data.backend={d.backend!r} needs data.train (an ImageFolder dir or .beton file)")
     if d.backend == "ffcv" and d.train:
         need(d.train.endswith(".beton"), f"data.backend='ffcv' reads .beton files; data.train={d.train!r} "
