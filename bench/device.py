@@ -333,7 +333,7 @@ def main() -> int:
     global LOG
     OUT.mkdir(parents=True, exist_ok=True)
     LOG = open(OUT / "device.log", "a")
-    say(f"fdfast device run: repo {REPO}, out {OUT}, budget {BUDGET_S:.0f}s, dry_run={DRY}")
+    say(f"fdfast device run: out {OUT}, budget {BUDGET_S:.0f}s, dry_run={DRY}")
     if DRY:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     only = {x.strip() for x in os.environ.get("DEVICE_SECTIONS", "").split(",") if x.strip()}

@@ -871,7 +871,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/throughput.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=("step", "teacher", "loader", "e2e"), default="step")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="pretrain YAML (default: CLIP ViT-B/16 300ep)")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG.relative_to(Path.cwd()) if DEFAULT_CONFIG.is_relative_to(
+        Path.cwd()) else DEFAULT_CONFIG), help="pretrain YAML (default: CLIP ViT-B/16 300ep)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted config override, repeatable (as fdfast-train --set)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME[:k=v,k=v]",
