@@ -22,7 +22,7 @@ from pipelines.generate import make_image_folder
 
 from . import checkpoint as ckpt
 from .config import ConfigError, FDConfig, dump_config, to_dict
-from .distributed import DistInfo, all_reduce_mean, init_distributed
+from .distributed import DistInfo, all_reduce_mean, all_reduce_sum, init_distributed
 from .logging import Progress, log
 from .models.student import DistillModel, num_tokens, set_attention_kernel
 from .optim import Schedule, build_optimizer, param_groups
@@ -144,6 +144,11 @@ def prepare_data(cfg: FDConfig, info: DistInfo) -> None:
     barrier()
 
 
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """After a resume, drop metric lines logged after the checkpoint (they will be re-logged)."""
     if not path.exists():
@@ -226,7 +231,9 @@ def train(cfg: FDConfig, info: Optional[DistInfo] = None,
     t_start = time.perf_counter()
 
     def check_finite(at: int) -> None:
-        if bool(bad):
+        # agreed across ranks: a rank that stopped alone would leave the others waiting in the next
+        # collective (the all-reduce of the loss, or the checkpoint barrier)
+        if bool(all_reduce_sum(bad.float())):
             raise NonFiniteLoss(f"loss became NaN/Inf at or before step {at}; stopping. The last good checkpoint "
                                 f"in {ckpt.ckpt_root(out)} is intact: lower optim.base_lr, enable optim.clip_grad, "
                                 "or use train.precision=fp32/bf16, then rerun to resume from it")
@@ -258,8 +265,7 @@ def train(cfg: FDConfig, info: Optional[DistInfo] = None,
                            "data_wait": data_wait / dt, "time": now - t_start}
                     last_loss = rec["loss"]
                     if info.is_main:
-                        with open(metrics_path, "a") as f:
-                            f.write(json.dumps(rec) + "\n")
+                        _append_jsonl(metrics_path, rec)
                     progress.update(step, rec)
                     window_t0, window_steps, data_wait = now, 0, 0.0
                 if step % tr.ckpt_every == 0 and step != last_step:
@@ -274,8 +280,7 @@ def train(cfg: FDConfig, info: Optional[DistInfo] = None,
                     if res.get("top1", -1) > best.get("top1", -1):
                         best = dict(res)
                     if info.is_main:
-                        with open(metrics_path, "a") as f:
-                            f.write(json.dumps(res) + "\n")
+                        _append_jsonl(metrics_path, res)
                         log(f"eval epoch {ep}: " + ", ".join(f"{k}={v:.4f}" for k, v in res.items()
                                                               if isinstance(v, float)))
         check_finite(step)
