@@ -21,14 +21,15 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     Equal, up to fp32 rounding, to ToTensor + Normalize of the official pipeline (and, for CLIP
     teachers, to its ImageNet -> CLIP re-normalisation of the same pixels).
     """
-    m, s = _constants(tuple(mean), tuple(std), images.device)
+    m, s = pixel_constants(tuple(mean), tuple(std), images.device)
     return (images.float() - m) / s
 
 
 @lru_cache(maxsize=16)
-def _constants(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # Built once per device: a host->device copy of a Python list in every step would be a
-    # pageable-memory copy (a host sync) and would break CUDA-graph capture.
+def pixel_constants(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(255 * mean, 255 * std) as (1, C, 1, 1) float32 tensors on ``device``, built once per device: a
+    host->device copy of a Python list in every step would be a pageable-memory copy (a host sync)
+    and would break CUDA-graph capture."""
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1).mul(255.0).to(device)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1).mul(255.0).to(device)
     return m, s

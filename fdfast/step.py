@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from pipelines.base import IMAGENET_MEAN, IMAGENET_STD
 
-from .objective import fd_loss, normalize, whiten
+from .objective import fd_loss, normalize, pixel_constants, whiten
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -53,11 +53,10 @@ class TeacherTarget(nn.Module):
         # Buffers (not Python lists) so that they follow .to(), exist before a CUDA-graph capture and
         # are graph inputs, not host->device copies, when compiled.
         p = next(teacher.parameters(), None)
-        dev = p.device if p is not None else None
-        self.register_buffer("pix_mean", torch.tensor(teacher.mean, device=dev).view(1, -1, 1, 1) * 255.0,
-                             persistent=False)
-        self.register_buffer("pix_std", torch.tensor(teacher.std, device=dev).view(1, -1, 1, 1) * 255.0,
-                             persistent=False)
+        m, s = pixel_constants(tuple(teacher.mean), tuple(teacher.std),
+                               p.device if p is not None else torch.device("cpu"))
+        self.register_buffer("pix_mean", m.clone(), persistent=False)
+        self.register_buffer("pix_std", s.clone(), persistent=False)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
