@@ -42,7 +42,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, FDConfig
 from .distributed import DistInfo, all_reduce_sum
 from .logging import log
-from .models.student import build_student, set_attention_kernel
+from .models.student import build_student
 from .objective import normalize
 from .optim import param_groups
 
@@ -346,12 +346,9 @@ class Evaluator:
 # The task
 # ----------------------------------------------------------------------------------------------
 def build_finetune_task(cfg: FDConfig, info: DistInfo):
-    from .trainer import Task, wrap_for_training  # noqa: PLC0415 - trainer imports this module lazily
-
-    from .fast import apply_backend_settings  # noqa: PLC0415
+    from .trainer import Task, prepare_model, wrap_for_training  # noqa: PLC0415 - trainer imports us lazily
 
     check_finetune_config(cfg)
-    apply_backend_settings(cfg, info.device)  # TF32 / cudnn.benchmark, as for distillation
     s = cfg.model.student
     probe = cfg.train.task == "linprobe"
     model = build_student(s, finetune=True)
@@ -366,10 +363,7 @@ def build_finetune_task(cfg: FDConfig, info: DistInfo):
         trainable = {id(p) for p in head.parameters()}
         for p in model.parameters():  # official main_linear: everything frozen but the head
             p.requires_grad_(id(p) in trainable)
-    model = model.to(info.device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    set_attention_kernel(model, cfg.train.attention)  # flex: Beit only, refused with a message for SwinV2
+    model = prepare_model(model, cfg, info)  # flex attention: Beit only, refused with a message for SwinV2
 
     def set_train_mode() -> None:
         model.train()

@@ -58,6 +58,19 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def prepare_model(model: nn.Module, cfg: FDConfig, info: DistInfo) -> nn.Module:
+    """What every task does to its trainable model before wrapping: process-wide backend flags (TF32,
+    cudnn.benchmark), the device, channels-last memory and the attention kernel."""
+    from .fast import apply_backend_settings  # noqa: PLC0415
+
+    apply_backend_settings(cfg, info.device)
+    model = model.to(info.device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    set_attention_kernel(model, cfg.train.attention)
+    return model
+
+
 def wrap_for_training(model: nn.Module, cfg: FDConfig, info: DistInfo,
                       compile_backend: Optional[str] = None) -> nn.Module:
     """Compile (before DDP, as timm's distillation task does), then DDP over the trainable module.
@@ -86,9 +99,6 @@ def build_target_fn(teacher: nn.Module, cfg: FDConfig, device: torch.device,
 def build_distill_task(cfg: FDConfig, info: DistInfo, compile_backend: Optional[str] = None) -> Task:
     from .models.teachers import build_teacher  # noqa: PLC0415
 
-    from .fast import apply_backend_settings  # noqa: PLC0415
-
-    apply_backend_settings(cfg, info.device)
     s = cfg.model.student
     teacher = build_teacher(cfg.model.teacher, s.img_size).to(info.device)
     if teacher.num_tokens != num_tokens(s):
@@ -96,10 +106,7 @@ def build_distill_task(cfg: FDConfig, info: DistInfo, compile_backend: Optional[
             f"student ({s.arch}, img {s.img_size}, patch {s.patch_size}) gives {num_tokens(s)} tokens but the "
             f"teacher {cfg.model.teacher.model!r} gives {teacher.num_tokens}; FD matches tokens index by index, "
             "so change model.student.img_size/patch_size or model.teacher.img_size")
-    model = DistillModel(s, teacher.embed_dim).to(info.device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    set_attention_kernel(model.encoder, cfg.train.attention)
+    model = prepare_model(DistillModel(s, teacher.embed_dim), cfg, info)
     groups = param_groups(model, cfg.optim, s)
     run = wrap_for_training(model, cfg, info, compile_backend)
     target_fn = build_target_fn(teacher, cfg, info.device, compile_backend)
