@@ -10,6 +10,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fdfast-setup
 DEMO   := runs/demo
+DEMO_DATA := $(DEMO)/images
 
 .PHONY: setup demo demo-finetune test clean-demo
 
@@ -31,6 +32,7 @@ clean-demo:
 # Part 1 stops at step 160 as an interrupted job would; part 2 is the same command, which resumes
 # from the latest checkpoint and finishes the 320 steps.
 demo: setup clean-demo
+	$(BIN)/python -m pipelines.generate --demo $(DEMO_DATA)
 	$(BIN)/fdfast-train --config configs/pretrain/demo_cpu.yaml --set train.max_steps=160
 	@echo "---- same command again: resumes from the latest checkpoint ----"
 	$(BIN)/fdfast-train --config configs/pretrain/demo_cpu.yaml
@@ -42,6 +44,7 @@ test: setup
 # set), then export the distilled student for timm and in the official FD layout.
 demo-finetune: setup
 	test -d $(DEMO)/checkpoints || $(MAKE) demo
+	$(BIN)/python -m pipelines.generate --demo $(DEMO_DATA)
 	rm -rf runs/demo_finetune runs/demo_export
 	$(BIN)/fdfast-train --config configs/finetune/demo_cpu.yaml
 	$(BIN)/fdfast-export $(DEMO) --format official --out runs/demo_export/fd_student_official.pth

@@ -1,8 +1,10 @@
 """Rank-0 console output: a rich progress bar on a terminal, plain lines otherwise."""
 from __future__ import annotations
 
+import json
 import sys
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 from rich.console import Console
@@ -12,6 +14,12 @@ _console = Console(stderr=False, highlight=False)
 
 def log(msg: str) -> None:
     _console.print(f"[fdfast] {msg}", markup=False, soft_wrap=True)
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """One JSON object per line (``metrics.jsonl``): training records and evaluation records."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def _fmt(rec: dict[str, Any]) -> str:

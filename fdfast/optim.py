@@ -73,16 +73,13 @@ def param_groups(model: nn.Module, cfg: OptimConfig, student: StudentConfig) -> 
     """Groups with ``weight_decay`` and ``lr_scale``; frozen parameters are left out."""
     arch = student.arch
     decay_on = cfg.layer_decay < 1.0
-    if arch == "beit":
-        num_layers = student.depth + 2
-    else:
-        num_layers = sum(student.depths) + 2
+    num_layers = student.num_blocks + 2
     groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         no_wd = is_no_decay(name, p, arch, cfg.decay_rel_pos_bias)
-        lid = layer_id(name, arch, num_layers, student.depths) if decay_on else num_layers - 1
+        lid = layer_id(name, arch, num_layers, student.stages) if decay_on else num_layers - 1
         key = (lid, no_wd)
         if key not in groups:
             groups[key] = {"params": [], "names": [], "weight_decay": 0.0 if no_wd else cfg.weight_decay,

@@ -1,9 +1,9 @@
 """The train step: pure, compilable, no I/O, no ``.item()``, no logging.
 
-Split as in torchtitan: ``forward_loss`` (one micro-batch, the maths) < ``TrainStep.__call__`` (one
-optimizer step over ``accum_steps`` micro-batches) < ``trainer.train`` (the loop). The step returns
-device tensors; the loop reads them only on logging steps, so nothing here waits for the GPU
-(except GradScaler's inf check in the fp16 mode, which the official recipe uses).
+Split as in torchtitan: ``Task.loss`` (one micro-batch, the maths; ``fdfast/tasks``) <
+``TrainStep.__call__`` (one optimizer step over ``accum_steps`` micro-batches) < ``Trainer.fit`` (the
+loop). The step returns device tensors; the loop reads them only on logging steps, so nothing here
+waits for the GPU (except GradScaler's inf check in the fp16 mode, which the official recipe uses).
 """
 from __future__ import annotations
 
@@ -12,11 +12,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from pipelines.base import IMAGENET_MEAN, IMAGENET_STD
-
-from .objective import fd_loss, normalize, pixel_constants, whiten
+from .errors import ConfigError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -26,7 +23,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if precision in ("fp16", "bf16") and device.type != "cuda":
-        raise ValueError(f"train.precision={precision!r} needs a CUDA device; use fp32 (or auto) on CPU")
+        raise ConfigError(f"train.precision={precision!r} needs a CUDA device; use train.precision=fp32 (or auto) "
+                          "on a CPU")
     return precision
 
 
@@ -35,49 +33,6 @@ def autocast(precision: str, device: torch.device):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-class TeacherTarget(nn.Module):
-    """uint8 pixels -> whitened teacher tokens (float32). Frozen, no grad, no state of its own.
-
-    The teacher's own normalisation (CLIP's or ImageNet's mean/std) is applied here, on the device,
-    to the same uint8 pixels the student sees; a teacher with a smaller input size (CLIP L/14 at 224
-    under a 256 px student) gets the official code's resize (bilinear, no antialias).
-    """
-
-    def __init__(self, teacher: nn.Module, eps: float = 1e-5):
-        super().__init__()
-        self.teacher = teacher
-        self.eps = float(eps)
-        self.img_size = int(teacher.img_size)
-        # Buffers (not Python lists) so that they follow .to(), exist before a CUDA-graph capture and
-        # are graph inputs, not host->device copies, when compiled.
-        p = next(teacher.parameters(), None)
-        m, s = pixel_constants(tuple(teacher.mean), tuple(teacher.std),
-                               p.device if p is not None else torch.device("cpu"))
-        self.register_buffer("pix_mean", m.clone(), persistent=False)
-        self.register_buffer("pix_std", s.clone(), persistent=False)
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.float() - self.pix_mean) / self.pix_std
-        size = self.img_size
-        if x.shape[-1] != size or x.shape[-2] != size:
-            # official: torchvision 0.13 Resize((224, 224)) on a tensor = bilinear, no antialias
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
-        return whiten(self.teacher(x), self.eps)
-
-
-def distill_loss_fn(model: nn.Module, target_fn: Callable[[torch.Tensor], torch.Tensor],
-                    beta: float = 2.0) -> LossFn:
-    """The FD forward for one micro-batch: teacher target, student prediction, SmoothL1."""
-
-    def forward_loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        target = target_fn(images)
-        pred = model(normalize(images, IMAGENET_MEAN, IMAGENET_STD))
-        return fd_loss(pred, target, beta)
-
-    return forward_loss
 
 
 class TrainStep:

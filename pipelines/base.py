@@ -21,10 +21,7 @@ from typing import Iterator, Protocol, runtime_checkable
 
 import torch
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from fdfast.errors import MissingDependency  # noqa: F401 - re-exported: the backends raise it
 
 # Distillation / fine-tune RandomResizedCrop ranges (torchvision defaults, used by FD).
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -68,10 +65,6 @@ class Loader(Protocol):
     def num_samples(self) -> int:
         """Images in the whole dataset (all ranks)."""
         ...
-
-
-class MissingDependency(ImportError):
-    """Raised when an optional backend's library is not installed; says how to install it."""
 
 
 def pad_eval_batch(images: torch.Tensor, labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -64,3 +64,37 @@ def make_image_folder(
         data = good.read_bytes() if good.exists() else b"\xff\xd8\xff"
         (root / "class_000" / f"corrupt_{j}.jpg").write_bytes(data[: max(16, len(data) // 10)])
     return root
+
+
+def make_demo_data(root: str | os.PathLike, num_classes: int = 8, seed: int = 0) -> Path:
+    """The demo's data set: ``root/train`` (64 images per class) and ``root/val`` (16 per class).
+    Folders that already exist are kept as they are."""
+    root = Path(root)
+    for i, (split, per_class) in enumerate((("train", 64), ("val", 16))):
+        if not (root / split).exists():
+            make_image_folder(root / split, num_classes=num_classes, per_class=per_class, seed=seed + i)
+    return root
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m pipelines.generate",
+                                description="Write a synthetic JPEG ImageFolder (demo data; no downloads).")
+    p.add_argument("root", help="output folder")
+    p.add_argument("--demo", action="store_true",
+                   help="the demo layout: ROOT/train (8 classes x 64) and ROOT/val (8 x 16), kept if present")
+    p.add_argument("--classes", type=int, default=8)
+    p.add_argument("--per-class", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.demo:
+        out = make_demo_data(args.root, num_classes=args.classes, seed=args.seed)
+    else:
+        out = make_image_folder(args.root, num_classes=args.classes, per_class=args.per_class, seed=args.seed)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

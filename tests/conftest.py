@@ -25,8 +25,9 @@ def tiny_dict(tmp_path, **sections) -> dict:
         },
         "data": {"backend": "synthetic", "synthetic_size": 64, "num_classes": 4, "num_workers": 0},
         "optim": {"base_lr": 1e-3, "warmup_epochs": 1},
-        "train": {"epochs": 2, "batch_size": 8, "log_every": 1, "ckpt_every": 4, "progress": "none",
-                  "output_dir": str(tmp_path / "run")},
+        "train": {"epochs": 2, "batch_size": 8, "output_dir": str(tmp_path / "run")},
+        "checkpoint": {"every": 4},
+        "log": {"every": 1, "progress": "none"},
     }
     for section, values in sections.items():
         for k, v in values.items():

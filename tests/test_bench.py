@@ -18,7 +18,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench import throughput
 from bench.flops import model_count, spec_peak_tflops, vit_pair_flops
 from fdfast.config import StudentConfig
-from fdfast.models.student import DistillModel, set_attention_kernel
+from fdfast.models.attention import set_attention_kernel
+from fdfast.models.student import DistillModel
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")

@@ -25,8 +25,8 @@ def test_bad_type_and_bad_choice():
         load_config(None, ["train.epochs=ten"])
     with pytest.raises(ConfigError, match=r"model\.teacher\.kind: 'clp'.*did you mean 'clip'"):
         load_config(None, ["model.teacher.kind=clp"])
-    with pytest.raises(ConfigError, match=r"train\.compile: expected true/false"):
-        load_config(None, ["train.compile=3"])
+    with pytest.raises(ConfigError, match=r"compile\.enabled: expected true/false"):
+        load_config(None, ["compile.enabled=3"])
 
 
 def test_impossible_combinations():
@@ -88,3 +88,32 @@ def test_pretrain_configs_match_spec(name):
 def test_resolved_config_yaml_is_plain():
     data = yaml.safe_load(yaml.safe_dump(__import__("dataclasses").asdict(load_config(None))))
     assert data["train"]["task"] == "distill"
+
+
+def test_moved_key_names_its_new_home():
+    with pytest.raises(ConfigError, match=r"'train\.compile' has moved: use 'compile\.enabled'"):
+        load_config(None, ["train.compile=true"])
+    with pytest.raises(ConfigError, match=r"'model\.student\.depths' has moved: use 'model\.student\.depth'"):
+        load_config(None, ["model.student.depths=[2, 2]"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.base_lr=-1e-3", "optim.base_lr"), ("optim.base_lr=.nan", "optim.base_lr"),
+    ("optim.min_lr=-1", "optim.min_lr"), ("optim.clip_grad=-1", "optim.clip_grad"),
+    ("optim.weight_decay=-0.05", "optim.weight_decay"), ("checkpoint.keep=0", "checkpoint.keep"),
+    ("train.output_dir=''", "train.output_dir"), ("train.batch_size=0", "train.batch_size"),
+    ("log.every=0", "log.every"), ("augment.re_prob=1.5", "augment.re_prob"),
+])
+def test_values_that_are_never_meaningful_are_refused(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_sections_check_themselves_when_built_in_python():
+    from fdfast.config import CheckpointConfig, StudentConfig
+    with pytest.raises(ConfigError, match=r"checkpoint\.keep"):
+        CheckpointConfig(keep=0)
+    with pytest.raises(ConfigError, match="per-stage lists"):
+        StudentConfig(arch="swinv2", depth=12, num_heads=12)
+    s = StudentConfig(arch="swinv2", img_size=224, patch_size=4, depth=[2, 2, 18, 2], num_heads=[4, 8, 16, 32])
+    assert s.num_blocks == 24 and s.num_tokens == 49

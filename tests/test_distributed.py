@@ -21,7 +21,7 @@ WORKER = textwrap.dedent("""
     from fdfast.trainer import train
     torch.set_num_threads(1)
     tmp = Path({tmp!r})
-    cfg = config_from_dict(tiny_dict(tmp, data={data}, train={{"max_steps": 4, "ckpt_every": 2}}))
+    cfg = config_from_dict(tiny_dict(tmp, data={data}, train={{"max_steps": 4}}, checkpoint={{"every": 2}}))
     info = init_distributed()
     assert info.world_size == 2
     train(cfg, info, on_end=lambda task: torch.save(task.model.state_dict(), tmp / f"weights_rank{{info.rank}}.pt"))

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 
 from fdfast.cli.export import main
 from fdfast.config import config_from_dict, to_dict
-from fdfast.models import interop as I
+from fdfast import interop as I
 
 BEIT = dict(arch="beit", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-SWIN = dict(arch="swinv2", img_size=32, patch_size=2, embed_dim=16, depths=[2, 2], heads=[2, 4], window_size=4)
+SWIN = dict(arch="swinv2", img_size=32, patch_size=2, embed_dim=16, depth=[2, 2], num_heads=[2, 4], window_size=4)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,7 +39,7 @@ def write_fdfast_checkpoint(run: Path, student: nn.Module, projector, fields: di
     """A checkpoint as fdfast-train writes it, with the config resolved through fdfast.config."""
     teacher = {"kind": "esvit"} if fields["arch"] == "swinv2" else {}
     cfg = config_from_dict({"model": {"student": {**fields, "num_classes": num_classes}, "teacher": teacher},
-                            "train": {"task": task}})
+                            "data": {"num_classes": num_classes or 1000}, "train": {"task": task}})
     folder = run / "checkpoints" / f"step_{step:08d}"
     folder.mkdir(parents=True)
     state = {"format": "fdfast-train", "version": 1, "student": student.state_dict(),

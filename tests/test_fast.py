@@ -13,9 +13,10 @@ from bench.throughput import TINY_OVERRIDES, build_fast_step, load_bench_config,
 from fdfast import fast
 from fdfast.config import StudentConfig
 from fdfast.distributed import DistInfo
-from fdfast.models.student import DistillModel, build_beit, set_attention_kernel
+from fdfast.models.attention import set_attention_kernel
+from fdfast.models.student import DistillModel, build_beit
 from fdfast.models.teachers import build_teacher
-from fdfast.step import TeacherTarget
+from fdfast.models.target import TeacherTarget
 
 CPU = DistInfo(device=torch.device("cpu"))
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fdfast.models import interop as I
+from fdfast import interop as I
 
 BEIT = dict(arch="beit", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-SWIN = dict(arch="swinv2", img_size=32, patch_size=2, embed_dim=16, depths=[2, 2], heads=[2, 4], window_size=4)
+SWIN = dict(arch="swinv2", img_size=32, patch_size=2, embed_dim=16, depth=[2, 2], num_heads=[2, 4], window_size=4)
 
 
 def perturbed(model: nn.Module, seed: int = 0) -> nn.Module:

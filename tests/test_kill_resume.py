@@ -29,7 +29,7 @@ def _env():
 
 @pytest.mark.slow
 def test_sigkill_at_random_moment_then_rerun_equals_uninterrupted(tmp_path):
-    settings = dict(data={"synthetic_size": 96}, train={"epochs": 2, "ckpt_every": 3, "log_every": 1})
+    settings = dict(data={"synthetic_size": 96}, train={"epochs": 2}, checkpoint={"every": 3}, log={"every": 1})
     cfgs = {}
     for name in ("full", "killed"):
         d = tiny_dict(tmp_path, **settings)

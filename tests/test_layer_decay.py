@@ -22,7 +22,7 @@ def vit_cfg() -> StudentConfig:
 
 
 def swin_cfg() -> StudentConfig:
-    return StudentConfig(arch="swinv2", img_size=32, patch_size=2, embed_dim=16, depths=[2, 2], heads=[2, 4],
+    return StudentConfig(arch="swinv2", img_size=32, patch_size=2, embed_dim=16, depth=[2, 2], num_heads=[2, 4],
                          window_size=4, num_classes=5)
 
 
@@ -98,7 +98,7 @@ def test_swin_layer_ids_and_scales():
     groups = param_groups(model, OptimConfig(layer_decay=D), s)
     scale = scales_by_name(groups)
     assert set(scale) == {n for n, _ in model.named_parameters()}
-    G = sum(s.depths) + 2
+    G = s.num_blocks + 2
     assert G == 6
 
     def want_id(name: str) -> int:
@@ -121,7 +121,7 @@ def test_swin_layer_ids_and_scales():
     assert any(n.startswith("layers.1.downsample.") for n in scale)  # the merge exists in timm's layout
     assert not any(n.startswith("layers.0.downsample.") for n in scale)
     for name, got in scale.items():
-        assert layer_id(name, "swinv2", G, s.depths) == want_id(name), name
+        assert layer_id(name, "swinv2", G, s.stages) == want_id(name), name
         assert got == pytest.approx(D ** (G - 1 - want_id(name))), name
     assert scale["layers.1.downsample.reduction.weight"] == scale["layers.0.blocks.1.attn.qkv.weight"]
     assert scale["head.fc.weight"] == 1.0 and scale["norm.weight"] == 1.0

@@ -4,7 +4,7 @@ import torch
 from torchvision.transforms import functional as TF
 
 from fdfast.objective import fd_loss, normalize, whiten
-from pipelines.base import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from fdfast.constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 
 
 def test_fd_loss_matches_hand_computation():

@@ -67,7 +67,7 @@ def test_no_weight_decay_rules_vit():
 
 
 def test_no_weight_decay_rules_swin():
-    s = StudentConfig(arch="swinv2", img_size=32, patch_size=2, embed_dim=16, depths=[2, 2], heads=[2, 4],
+    s = StudentConfig(arch="swinv2", img_size=32, patch_size=2, embed_dim=16, depth=[2, 2], num_heads=[2, 4],
                       window_size=4)
     model = DistillModel(s, 48)
     groups = param_groups(model, OptimConfig(), s)

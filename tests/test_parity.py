@@ -7,7 +7,7 @@ Files (written in tmp, random non-zero weights everywhere, see ``_release_files`
     'config': <yacs CfgNode>, ...}`` with non-trivial RPB table, q/v biases, layer scales and LayerNorms.
 
 fdfast side: the tiny config -> ``build_distill_task`` (timm Beit student, timm teacher loaded from the release
-file, the real ``task.loss_fn`` on uint8 images) -> ``load_official_distill_checkpoint`` -> loss, backward.
+file, the real ``task.loss`` on uint8 images) -> ``load_official_distill_checkpoint`` -> loss, backward.
 Reference side: ``_official_reference`` (plain torch, official-layout keys, independent of fdfast and timm)
 on the same files and the same uint8 pixels, in float64 -> loss, backward.
 
@@ -44,14 +44,14 @@ import _official_reference as R
 import _release_files as RF
 from fdfast.config import StudentConfig, config_from_dict
 from fdfast.distributed import DistInfo
-from fdfast.models.interop import (CheckpointKeyError, CheckpointReadError, CheckpointShapeError,
+from fdfast.interop import (CheckpointKeyError, CheckpointReadError, CheckpointShapeError,
                                    LAYOUT_OFFICIAL, export_official, load_official_distill_checkpoint,
                                    official_state_dict, official_to_distill_state_dict)
 from fdfast.models.student import DistillModel
 from fdfast.objective import normalize
-from fdfast.step import TeacherTarget
-from fdfast.trainer import build_distill_task
-from pipelines.base import IMAGENET_MEAN, IMAGENET_STD
+from fdfast.models.target import TeacherTarget
+from fdfast.tasks import DistillTask
+from fdfast.constants import IMAGENET_MEAN, IMAGENET_STD
 
 LOSS_RTOL = 1e-6
 GRAD_RTOL = 1e-5
@@ -71,8 +71,9 @@ def _config(tmp_path, kind: str, weights, attention: str = "sdpa", teacher_img=N
             "teacher": {"kind": kind, "model": teacher_model, "weights": str(weights), "img_size": teacher_img,
                         "model_kwargs": {"patch_size": teacher_patch, "embed_dim": TEACHER_DIM, "depth": 2,
                                          "num_heads": TEACHER_DIM // 64}},
+            "attention": attention,
         },
-        "train": {"attention": attention, "output_dir": str(tmp_path / "run")},
+        "train": {"output_dir": str(tmp_path / "run")},
     })
 
 
@@ -113,7 +114,7 @@ class Setup:
 
 
 def _run_fdfast(tmp_path, kind, teacher_path, fd_path, images, attention, **teacher_geometry) -> FdfastRun:
-    task = build_distill_task(_config(tmp_path, kind, teacher_path, attention, **teacher_geometry), DistInfo())
+    task = DistillTask(_config(tmp_path, kind, teacher_path, attention, **teacher_geometry), DistInfo())
     report = load_official_distill_checkpoint(task.model, fd_path)
     assert report.layout == LAYOUT_OFFICIAL and report.loaded == len(task.model.state_dict())
     model = task.model
@@ -121,7 +122,7 @@ def _run_fdfast(tmp_path, kind, teacher_path, fd_path, images, attention, **teac
     assert model.training and task.teacher is not None and not task.teacher.training
     assert all(m.drop_prob == 0 for m in model.modules() if hasattr(m, "drop_prob"))
     model.zero_grad(set_to_none=True)
-    loss = task.loss_fn(images, torch.zeros(BATCH, dtype=torch.long))
+    loss = task.loss(images, torch.zeros(BATCH, dtype=torch.long))
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, f"fdfast parameters without a gradient: {missing}"
@@ -375,7 +376,7 @@ def test_mapping_keeps_student_and_projector_drops_teacher_and_buffers(clip_setu
 
 @pytest.mark.parametrize("student", [
     dict(arch="beit", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, drop_path=0.0),
-    dict(arch="swinv2", img_size=32, patch_size=2, embed_dim=16, depths=[2, 2], heads=[2, 4], window_size=4,
+    dict(arch="swinv2", img_size=32, patch_size=2, embed_dim=16, depth=[2, 2], num_heads=[2, 4], window_size=4,
          drop_path=0.0),
 ])
 def test_official_roundtrip_through_export(tmp_path, student):

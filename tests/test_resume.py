@@ -26,7 +26,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_cfg, tmp_path, im
     part = tmp_path / "part"
     # 48 images / 8 = 6 steps per epoch, 2 epochs; the break at step 5 is mid-epoch
     train(tiny_cfg(data=data, train={"output_dir": str(full)}))
-    train(tiny_cfg(data=data, train={"output_dir": str(part), "max_steps": 5, "ckpt_every": 100}))
+    train(tiny_cfg(data=data, train={"output_dir": str(part), "max_steps": 5}, checkpoint={"every": 100}))
     assert ckpt.find_latest(part) .name == "step_00000005"
     train(tiny_cfg(data=data, train={"output_dir": str(part)}))
     a, b = _losses(full), _losses(part)
@@ -38,7 +38,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_cfg, tmp_path, im
 
 def test_checkpoint_interrupted_mid_write_is_never_picked(tiny_cfg, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    train(tiny_cfg(train={"output_dir": str(out), "max_steps": 4, "ckpt_every": 2, "keep_ckpts": 5}))
+    train(tiny_cfg(train={"output_dir": str(out), "max_steps": 4}, checkpoint={"every": 2, "keep": 5}))
     assert [s for s, _ in ckpt.list_checkpoints(out)] == [2, 4]
 
     real_save = torch.save
@@ -82,9 +82,9 @@ def test_checkpoint_is_weights_only_loadable(tiny_cfg, tmp_path):
 
 def test_nan_loss_stops_with_last_good_checkpoint_intact(tiny_cfg, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    train(tiny_cfg(train={"output_dir": str(out), "max_steps": 4, "ckpt_every": 4}))
+    train(tiny_cfg(train={"output_dir": str(out), "max_steps": 4}, checkpoint={"every": 4}))
     good = {k: v.clone() for k, v in _weights(out).items()}
-    import fdfast.step as step_mod
+    import fdfast.tasks.distill as step_mod
     real = step_mod.fd_loss
     calls = {"n": 0}
 
@@ -94,7 +94,7 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(tiny_cfg, tmp_path, mon
 
     monkeypatch.setattr(step_mod, "fd_loss", poisoned)
     with pytest.raises(NonFiniteLoss, match="last good checkpoint"):
-        train(tiny_cfg(train={"output_dir": str(out), "max_steps": 12, "ckpt_every": 2, "log_every": 5}))
+        train(tiny_cfg(train={"output_dir": str(out), "max_steps": 12}, checkpoint={"every": 2}, log={"every": 5}))
     latest = ckpt.find_latest(out)
     assert latest.name == "step_00000006"  # steps 5-6 were good; NaN from step 7 is never saved
     state, _ = ckpt.load_checkpoint(latest)

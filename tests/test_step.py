@@ -4,15 +4,15 @@ import torch
 from fdfast.distributed import DistInfo
 from fdfast.optim import build_optimizer
 from fdfast.step import TrainStep
-from fdfast.trainer import build_distill_task
+from fdfast.tasks import DistillTask
 
 
 def _setup(cfg):
     torch.manual_seed(0)
-    task = build_distill_task(cfg, DistInfo())
+    task = DistillTask(cfg, DistInfo())
     opt = build_optimizer(task.groups, cfg.optim, torch.device("cpu"))
     params = [p for g in task.groups for p in g["params"]]
-    step = TrainStep(task.train_model, task.loss_fn, opt, params, precision="fp32", device=torch.device("cpu"),
+    step = TrainStep(task.train_model, task.loss, opt, params, precision="fp32", device=torch.device("cpu"),
                      clip_grad=cfg.optim.clip_grad)
     step.set_lr([1e-3] * len(opt.param_groups))
     return task, step

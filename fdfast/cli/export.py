@@ -18,6 +18,10 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch.nn as nn
+
+from .. import interop
+
 PROG = "fdfast-export"
 
 
@@ -44,10 +48,6 @@ def _head_classes(student_sd: dict, arch: str) -> int:
 
 
 def run(args: argparse.Namespace) -> Path:
-    import torch.nn as nn  # noqa: PLC0415 - keep `--help` fast
-
-    from ..models import interop  # noqa: PLC0415
-
     ckpt = interop.read_fdfast_checkpoint(args.checkpoint)
     try:
         fields = dict(ckpt.config["model"]["student"])

@@ -1,7 +1,3 @@
-"""Students (timm Beit / SwinV2 with FD's init), teachers (timm, original release files), and
-checkpoint interop (official FD layout, timm export) in ``interop``."""
-from .student import DistillModel, build_student, num_tokens, student_tokens
-from .teachers import Teacher, TeacherLoadError, build_teacher
-
-__all__ = ["DistillModel", "Teacher", "TeacherLoadError", "build_student", "build_teacher", "num_tokens",
-           "student_tokens"]
+"""Students (``student.py``: timm Beit / SwinV2 with FD's init), teachers (``teachers.py``: timm models
+from the original release files), the teacher target (``target.py``) and the attention kernels
+(``attention.py``). Import from the modules themselves."""

@@ -39,7 +39,7 @@ def build_beit(cfg: StudentConfig, *, finetune: bool = False) -> Beit:
 def build_swinv2(cfg: StudentConfig, *, finetune: bool = False) -> SwinTransformerV2:
     return SwinTransformerV2(
         img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
-        depths=tuple(cfg.depths), num_heads=tuple(cfg.heads), window_size=cfg.window_size,
+        depths=tuple(cfg.depth), num_heads=tuple(cfg.num_heads), window_size=cfg.window_size,
         mlp_ratio=cfg.mlp_ratio, qkv_bias=True, drop_path_rate=cfg.drop_path,
         num_classes=cfg.num_classes if finetune else 0,
     )
@@ -82,31 +82,12 @@ def fd_init_swinv2(model: SwinTransformerV2) -> None:
             blk.mlp.fc2.weight.div_(math.sqrt(2.0 * block_id))
 
 
-def set_attention_kernel(model: nn.Module, kind: str) -> None:
-    """Pick the attention kernel of timm's Beit attention: 'sdpa' (fused, bias as attn_mask), or
-    'eager' (explicit softmax). 'flex' is installed by ``fdfast.fast.use_flex_attention``."""
-    if kind not in ("sdpa", "eager", "flex"):
-        raise ValueError(f"train.attention={kind!r}: choose sdpa, flex or eager")
-    for m in model.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = kind != "eager"
-    if kind == "flex":
-        from ..fast import use_flex_attention  # noqa: PLC0415 - GPU-path module, imported on demand
-        use_flex_attention(model)
-
-
 def student_tokens(backbone: nn.Module, arch: str, x: torch.Tensor) -> torch.Tensor:
     """Distillation tokens (B, N, D): the final-norm output of every token (Swin: last stage)."""
     y = backbone.forward_features(x)
     if arch == "swinv2":  # (B, H, W, C) -> (B, HW, C)
         y = y.flatten(1, 2)
     return y
-
-
-def num_tokens(cfg: StudentConfig) -> int:
-    if cfg.arch == "beit":
-        return (cfg.img_size // cfg.patch_size) ** 2 + 1
-    return (cfg.img_size // (cfg.patch_size * 2 ** (len(cfg.depths) - 1))) ** 2
 
 
 def build_student(cfg: StudentConfig, *, finetune: bool = False, fd_init: bool = True) -> nn.Module:

@@ -44,12 +44,13 @@ from typing import Any, Optional
 import timm
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from timm.layers import QuickGELU
 from timm.models import swin_transformer as timm_swin
 from timm.models import vision_transformer as timm_vit
 
-from .interop import shape_mismatches, state_dict_mismatch
+from ..constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from ..errors import ConfigError, UserError
+from ..interop import shape_mismatches, state_dict_mismatch
 
 __all__ = ["Teacher", "TeacherLoadError", "build_teacher", "load_teacher_state_dict", "TEACHER_KINDS"]
 
@@ -57,7 +58,7 @@ TEACHER_KINDS = ("clip", "dino", "deit", "esvit")
 _WEIGHTS_KEY = "model.teacher.weights"
 
 
-class TeacherLoadError(ValueError):
+class TeacherLoadError(UserError, ValueError):
     """A teacher weights file that cannot be used as configured; the message names the file and the fix."""
 
 
@@ -70,15 +71,15 @@ class _KindInfo:
 
 
 _KINDS = {
-    "clip": _KindInfo("vit", tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD),
+    "clip": _KindInfo("vit", CLIP_MEAN, CLIP_STD,
                       "an OpenAI CLIP TorchScript archive (ViT-B-16.pt / ViT-L-14.pt) whose state dict has "
                       "'visual.*' keys (class_embedding, conv1, ln_pre, transformer.resblocks.*, ln_post, proj)"),
-    "dino": _KindInfo("vit", tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD),
+    "dino": _KindInfo("vit", IMAGENET_MEAN, IMAGENET_STD,
                       "the DINO backbone file dino_vitbase16_pretrain.pth: a flat state dict of timm-style ViT "
                       "keys (cls_token, pos_embed, patch_embed.proj.*, blocks.*, norm.*), no head"),
-    "deit": _KindInfo("vit", tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD),
+    "deit": _KindInfo("vit", IMAGENET_MEAN, IMAGENET_STD,
                       "the DeiT release file deit_base_patch16_224-b5f2ef4d.pth: {'model': {ViT keys + head.*}}"),
-    "esvit": _KindInfo("swin", tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD),
+    "esvit": _KindInfo("swin", IMAGENET_MEAN, IMAGENET_STD,
                        "an EsViT training checkpoint (checkpoint_best.pth): {'student': {'module.' + Swin v1 "
                        "keys, head.*, head_dense.*}, 'teacher': ..., ...}"),
 }
@@ -169,7 +170,7 @@ def _num_output_tokens(model: nn.Module, family: str) -> int:
 # ----------------------------------------------------------------------------------------------
 # Building
 # ----------------------------------------------------------------------------------------------
-def build_teacher(cfg: Any, student_img_size: int) -> Teacher:
+def build_teacher(cfg: Any, student_img_size: int, *, trust_pickle: bool = False) -> Teacher:
     """Build the frozen teacher described by a ``TeacherConfig``.
 
     The architecture is ``timm.create_model(cfg.model, pretrained=False, num_classes=0, img_size=...,
@@ -177,23 +178,16 @@ def build_teacher(cfg: Any, student_img_size: int) -> Teacher:
     release file (read with :func:`load_teacher_state_dict` and loaded strictly) or ``'random'`` for timm's
     random init (demos, tests, benchmarks). ``cfg.fp16_weights`` stores conv/linear weights in fp16 and runs
     the forward under fp16 autocast, as the official CLIP teacher does on CUDA; it is pointless on CPU.
+    ``trust_pickle`` is ``model.trust_pickle`` (see :mod:`fdfast.interop`'s load policy).
     """
     kind = cfg.kind
-    if kind not in _KINDS:
-        raise ValueError(f"model.teacher.kind={kind!r} is not one of {list(TEACHER_KINDS)}")
     img_size = int(cfg.img_size or student_img_size)
     kwargs = dict(cfg.model_kwargs or {})
-    for reserved in ("img_size", "num_classes", "pretrained"):
-        if reserved in kwargs:
-            raise ValueError(
-                f"model.teacher.model_kwargs must not set {reserved!r}: "
-                + ("use model.teacher.img_size" if reserved == "img_size" else
-                   "the teacher is always headless (num_classes=0) and loads model.teacher.weights itself"))
     try:
         model = timm.create_model(cfg.model, pretrained=False, num_classes=0, img_size=img_size, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
-            raise ValueError(f"model.teacher.model={cfg.model!r} is not a timm model name ({e})") from None
+            raise ConfigError(f"model.teacher.model={cfg.model!r} is not a timm model name ({e})") from None
         raise
     _check_family(model, kind, cfg.model)
     weights = str(cfg.weights)
@@ -209,10 +203,10 @@ def build_teacher(cfg: Any, student_img_size: int) -> Teacher:
 def _check_family(model: nn.Module, kind: str, name: str) -> None:
     info = _KINDS[kind]
     if info.family == "vit" and not isinstance(model, timm_vit.VisionTransformer):
-        raise ValueError(f"model.teacher.kind={kind!r} needs a timm VisionTransformer, but model.teacher.model="
+        raise ConfigError(f"model.teacher.kind={kind!r} needs a timm VisionTransformer, but model.teacher.model="
                          f"{name!r} builds {type(model).__name__}")
     if info.family == "swin" and not isinstance(model, timm_swin.SwinTransformer):
-        raise ValueError(f"model.teacher.kind='esvit' needs a timm Swin v1 SwinTransformer (e.g. "
+        raise ConfigError(f"model.teacher.kind='esvit' needs a timm Swin v1 SwinTransformer (e.g. "
                          f"'swin_base_patch4_window7_224' with model_kwargs window_size: 14), but "
                          f"model.teacher.model={name!r} builds {type(model).__name__}")
 

@@ -40,6 +40,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ..errors import UserError
+
 log = logging.getLogger(__name__)
 
 # Layout names returned by read_student_state_dict (and recorded in LoadReport.layout).
@@ -54,11 +56,11 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
 _MAX_LISTED = 12  # keys named in an error message before "... and N more"
 
 
-class CheckpointReadError(ValueError):
+class CheckpointReadError(UserError, ValueError):
     """The file is missing, unreadable, not a checkpoint, or needs an unsafe unpickle we refused."""
 
 
-class CheckpointKeyError(ValueError):
+class CheckpointKeyError(UserError, ValueError):
     """The file's keys do not fit the model (beyond the expected fresh head); names file and keys."""
 
 
@@ -639,7 +641,7 @@ def load_student_weights(
 # ----------------------------------------------------------------------------------------------
 _REQUIRED_FIELDS = {
     "beit": ("img_size", "patch_size", "embed_dim", "depth", "num_heads"),
-    "swinv2": ("img_size", "patch_size", "embed_dim", "depths", "heads", "window_size"),
+    "swinv2": ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "window_size"),
 }
 
 
@@ -670,7 +672,7 @@ def timm_student_kwargs(fields: Mapping[str, Any], num_classes: int = 0, finetun
         )
     return arch, dict(
         img_size=int(fields["img_size"]), patch_size=int(fields["patch_size"]), embed_dim=int(fields["embed_dim"]),
-        depths=[int(d) for d in fields["depths"]], num_heads=[int(h) for h in fields["heads"]],
+        depths=[int(d) for d in fields["depth"]], num_heads=[int(h) for h in fields["num_heads"]],
         window_size=int(fields["window_size"]), mlp_ratio=float(fields.get("mlp_ratio", 4.0)), qkv_bias=True,
         num_classes=int(num_classes),
     )
@@ -686,7 +688,7 @@ def build_timm_student_from_fields(fields: Mapping[str, Any], num_classes: int =
     the same network in both layouts, so its head follows ``num_classes`` alone.
     """
     from ..config import StudentConfig  # noqa: PLC0415 - keeps interop importable without the trainer's modules
-    from .student import build_student  # noqa: PLC0415
+    from ..models.student import build_student  # noqa: PLC0415
 
     arch, kwargs = timm_student_kwargs(fields, num_classes=num_classes, finetune=finetune)
     common = dict(arch=arch, img_size=kwargs["img_size"], patch_size=kwargs["patch_size"],
@@ -700,7 +702,7 @@ def build_timm_student_from_fields(fields: Mapping[str, Any], num_classes: int =
                             init_values=kwargs["init_values"],
                             shared_rel_pos_bias=bool(fields.get("shared_rel_pos_bias", True)))
     else:
-        cfg = StudentConfig(**common, depths=kwargs["depths"], heads=kwargs["num_heads"],
+        cfg = StudentConfig(**common, depth=kwargs["depths"], num_heads=kwargs["num_heads"],
                             window_size=kwargs["window_size"])
         finetune = True  # SwinV2: one network in both layouts; build_student sizes its head only here
     return build_student(cfg, finetune=finetune, fd_init=False)

@@ -1,0 +1,200 @@
+"""Reading configs: YAML files with ``base:`` includes, dotted overrides, type checking.
+
+A config is a YAML file whose keys mirror the dataclasses of :mod:`fdfast.config.sections`.
+``load_config`` merges, in order: the schema defaults, the YAML file (and any file it names under
+``base:``), then ``--set a.b=value`` overrides. Unknown keys and wrong types raise
+:class:`ConfigError` naming the key and the nearest valid one; each section then checks its own
+values (``__post_init__``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from ..errors import ConfigError
+from .sections import FDConfig
+
+# ----------------------------------------------------------------------------------------------
+# Building from dicts with type checking
+# ----------------------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}{hint}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads '3e-4' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+# Keys of earlier fdfast versions and where they live now: a config that still uses one is told where
+# it went, rather than silently migrated (the user's file stays the single source of truth).
+MOVED_KEYS = {
+    "train.compile": "compile.enabled", "train.compile_scope": "compile.scope",
+    "train.compile_mode": "compile.mode", "train.cuda_graph_teacher": "compile.cuda_graph_teacher",
+    "train.attention": "model.attention", "train.log_every": "log.every", "train.progress": "log.progress",
+    "train.ckpt_every": "checkpoint.every", "train.keep_ckpts": "checkpoint.keep",
+    "train.mixup": "augment.mixup", "train.cutmix": "augment.cutmix",
+    "train.label_smoothing": "augment.label_smoothing", "data.re_prob": "augment.re_prob",
+    "model.student.depths": "model.student.depth", "model.student.heads": "model.student.num_heads",
+    "model.pretrained_trust_pickle": "model.trust_pickle",
+    "data.generate_if_missing": "(removed: `python -m pipelines.generate --demo DIR` writes demo data)",
+}
+
+
+def _unknown_key_error(cls: type, key: str, prefix: str) -> ConfigError:
+    full = f"{prefix}.{key}" if prefix else key
+    if full in MOVED_KEYS:
+        return ConfigError(f"config key '{full}' has moved: use '{MOVED_KEYS[full]}'")
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    hint = f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{full}'{hint} (valid keys here: {', '.join(names)})")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k, v in data.items():
+        if k not in names:
+            raise _unknown_key_error(cls, k, prefix)
+        kwargs[k] = _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: circular 'base:' include")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, augment, optim, train, compile, checkpoint, log)")
+    base = data.pop("base", None)
+    if base:
+        parent = _read_yaml((path.parent / base), seen + (path.resolve(),))
+        data = _merge(parent, data)
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value``; the value is read as YAML (numbers, true/false, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. optim.base_lr=1e-3)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _set_path(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for p in path[:-1]:
+        nxt = node.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[p] = nxt
+        node = nxt
+    node[path[-1]] = value
+
+
+def config_from_dict(data: dict) -> FDConfig:
+    """Build and check an :class:`FDConfig` from a nested dict (YAML sections)."""
+    return _build(FDConfig, data)
+
+
+def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> FDConfig:
+    """Defaults <- YAML file (with `base:` includes) <- dotted overrides; validated."""
+    data: dict = _read_yaml(Path(path)) if path else {}
+    for ov in overrides:
+        keys, value = parse_override(ov)
+        _set_path(data, keys, value)
+    return config_from_dict(data)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: FDConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,39 @@
+"""The task protocol: what the training loop needs from distillation, fine-tuning or a linear probe.
+
+A task owns its models and the maths of one micro-batch; :class:`fdfast.trainer.Trainer` owns the
+loop (optimizer, schedule, accumulation, cadences, checkpoints). A task provides:
+
+* ``model`` — the unwrapped trainable module; its ``state_dict()`` is what checkpoints hold;
+* ``train_model`` — what forward/backward runs through (the same module compiled and/or in DDP);
+* ``groups`` — optimizer parameter groups (``params``, ``names``, ``weight_decay``, ``lr_scale``);
+* ``loss(images, labels)`` — uint8 channels-last pixels and int64 labels -> scalar loss tensor;
+* ``evaluate()`` — a dict of metrics (``top1`` ...) when ``can_evaluate``;
+* ``state_dict()`` / ``load_state_dict()`` — the task's own bookkeeping (e.g. which pretrained file
+  it started from), saved beside the model.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class Task:
+    model: nn.Module
+    train_model: nn.Module
+    groups: list[dict]
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def can_evaluate(self) -> bool:
+        return False
+
+    def evaluate(self) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} has no evaluation")
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
