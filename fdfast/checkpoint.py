@@ -13,9 +13,10 @@ import json
 import os
 import random
 import re
+import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -51,6 +52,40 @@ def set_rng_state(state: dict) -> None:
                          n["cached_gaussian"]))
     py = state["python"]
     random.setstate((3, tuple(py[0]), py[1]))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary name in ``path``'s folder, fsync it, then rename to ``path``.
+
+    Same folder so that ``os.replace`` is an atomic rename on one filesystem; the temporary file is removed
+    if anything fails, so ``path`` is either the old file or the complete new one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # a fresh unguessable name, created by the writer itself so the file gets the usual umask permissions
+    # (tempfile.mkstemp would leave it 0600 after the rename)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:  # the writer may have closed the file without syncing
+            os.fsync(f.fileno())
+        # some writers (safetensors) create 0600 files; give the usual umask permissions
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable (best effort: not every filesystem allows syncing a folder)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return path
 
 
 def _fsync_write(path: Path, obj: Any) -> None:

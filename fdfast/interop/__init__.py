@@ -32,14 +32,14 @@ import logging
 import os
 import pickle
 import re
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
+from ..checkpoint import atomic_write, find_latest
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
@@ -105,11 +105,7 @@ def _strip_wrapper_prefixes(sd: Mapping[str, Any]) -> dict:
 
 
 def _newest_fdfast_checkpoint(folder: Path) -> Optional[Path]:
-    """The newest complete ``step_*`` folder of a run folder, if fdfast.checkpoint is available."""
-    try:
-        from ..checkpoint import find_latest  # noqa: PLC0415 - optional: the run-folder convenience only
-    except ImportError:
-        return None
+    """The newest complete ``step_*`` folder of a run folder (or of its ``checkpoints`` folder)."""
     for candidate in (folder, folder.parent):  # <output_dir> or <output_dir>/checkpoints
         latest = find_latest(candidate)
         if latest is not None:
@@ -758,40 +754,6 @@ def infer_timm_model_args(model: nn.Module) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary name in ``path``'s folder, fsync it, then rename to ``path``.
-
-    Same folder so that ``os.replace`` is an atomic rename on one filesystem; the temporary file is removed
-    if anything fails, so ``path`` is either the old file or the complete new one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a fresh unguessable name, created by the writer itself so the file gets the usual umask permissions
-    # (tempfile.mkstemp would leave it 0600 after the rename)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:  # the writer may have closed the file without syncing
-            os.fsync(f.fileno())
-        # some writers (safetensors) create 0600 files; give the usual umask permissions
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable (best effort: not every filesystem allows syncing a folder)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-    return path
-
-
 def _export_tensors(sd: Mapping[str, torch.Tensor]) -> dict:
     """Detached, contiguous CPU tensors; safetensors refuses tensors that share storage, so a tensor whose
     storage was already seen is cloned."""
