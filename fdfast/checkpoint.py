@@ -1,14 +1,27 @@
-"""Atomic, resumable training checkpoints.
+"""Atomic, verified, resumable training checkpoints (and the repository's one atomic file writer).
 
-Layout: ``<output_dir>/checkpoints/step_00000500/`` holding ``state.pt`` (model, projector,
-optimizer, scaler, step, epoch, config; written by rank 0), ``rng_rank{r}.pt`` (each rank's RNG
-states) and ``meta.json`` (written last, with the byte size of every file). The folder is built
-under a temporary name and renamed into place, so a ``step_*`` folder exists only once complete;
-``find_latest`` also re-checks the sizes in ``meta.json`` and skips anything that does not match.
-Everything is tensors and plain values: ``torch.load(weights_only=True)`` reads it.
+Layout: ``<output_dir>/checkpoints/step_00000500/`` holding ``state.pt`` (``Trainer.state_dict()``:
+model, optimizer, scaler, step, epoch, config; written by rank 0), ``rng_rank{r}.pt`` (each rank's RNG
+states) and ``meta.json`` (written last: format, step, world size, the resolved config, and the byte size
+and SHA-256 of every file). The folder is built under a temporary name and renamed into place, so a
+``step_*`` folder exists only once complete.
+
+Guarantees:
+
+* **Complete and intact.** :func:`verify` re-checks every file's size and SHA-256 against ``meta.json``;
+  a folder that fails (killed mid-write, truncated, bit flips, hand-edited) is skipped with a warning
+  naming it and the reason, and the next older valid one is used (:func:`valid_checkpoints`).
+* **Finite.** :func:`save_checkpoint` refuses a state holding a NaN/Inf tensor (:class:`NonFiniteState`),
+  on every rank, before anything is written.
+* **Readable without running code.** Everything is tensors and plain values, read with
+  ``torch.load(weights_only=True)``.
+* **No half-written files.** A failed write (disk full, permissions) removes the temporary folder and
+  raises :class:`CheckpointWriteError` naming the folder; the previous checkpoints are untouched.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import random
@@ -16,16 +29,30 @@ import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
 from . import distributed as dist_utils
+from .errors import UserError
 
 FORMAT = "fdfast-train"
-VERSION = 1
+VERSION = 2
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+_CHUNK = 1 << 22
+
+
+class CheckpointWriteError(UserError, OSError):
+    """A checkpoint could not be written (disk full, no permission); nothing half-written was left."""
+
+
+class CheckpointLoadError(UserError, RuntimeError):
+    """A checkpoint the user named (or the only one there is) cannot be read."""
+
+
+class NonFiniteState(RuntimeError):
+    """The state to save holds NaN/Inf values: it is never written."""
 
 
 def ckpt_root(output_dir: str | os.PathLike) -> Path:
@@ -54,6 +81,17 @@ def set_rng_state(state: dict) -> None:
     random.setstate((3, tuple(py[0]), py[1]))
 
 
+def _fsync_dir(path: Path) -> None:
+    try:  # make a rename durable (best effort: not every filesystem allows syncing a folder)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary name in ``path``'s folder, fsync it, then rename to ``path``.
 
@@ -77,62 +115,156 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    try:  # make the rename itself durable (best effort: not every filesystem allows syncing a folder)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+    _fsync_dir(path.parent)
     return path
 
 
-def _fsync_write(path: Path, obj: Any) -> None:
+class _HashingFile:
+    """A write-only file wrapper that hashes what passes through (torch.save only calls write/flush)."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _save_hashed(path: Path, obj: Any) -> dict:
+    """torch.save ``obj`` to ``path`` (fsynced); returns ``{"size", "sha256"}`` of the bytes written."""
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        h = _HashingFile(f)
+        torch.save(obj, h)
         f.flush()
         os.fsync(f.fileno())
+    return {"size": path.stat().st_size, "sha256": h.sha.hexdigest()}
 
 
-def save_checkpoint(output_dir: str | os.PathLike, step: int, state: dict, *, rank: int = 0,
-                    keep: int = 2) -> Optional[Path]:
-    """Collective: every rank calls it. ``state`` (tensors and plain values) is written by rank 0,
-    each rank writes its own RNG states; the folder appears under its final name only when complete."""
+def file_sha256(path: str | os.PathLike) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _non_finite_keys(obj: Any, prefix: str = "") -> list[str]:
+    """Paths of floating tensors in a nested state that hold NaN/Inf (one device sync in all)."""
+    found: list[tuple[str, torch.Tensor]] = []
+
+    def walk(o: Any, name: str) -> None:
+        if isinstance(o, torch.Tensor):
+            if o.is_floating_point() and o.numel():
+                found.append((name, o))
+        elif isinstance(o, dict):
+            for k, v in o.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif isinstance(o, (list, tuple)):
+            for i, v in enumerate(o):
+                walk(v, f"{name}[{i}]")
+
+    walk(obj, prefix)
+    if not found:
+        return []
+    ok = torch.stack([torch.isfinite(t).all().to("cpu", non_blocking=True) for _, t in found])
+    return [name for (name, _), good in zip(found, ok.tolist()) if not good]
+
+
+def save_checkpoint(output_dir: str | os.PathLike, step: int, state: dict, *, rank: int = 0, keep: int = 2,
+                    world_size: int = 1, config: Optional[dict] = None) -> Optional[Path]:
+    """Collective: every rank calls it. ``state`` (tensors and plain values) is written by rank 0, each
+    rank writes its own RNG states; the folder appears under its final name only when complete.
+    ``config`` (the resolved config as a dict) is recorded in ``meta.json`` for the resume checks."""
+    bad = _non_finite_keys(state)
+    if dist_utils.any_rank(bool(bad)):
+        where = f": {', '.join(bad[:5])}" + (" ..." if len(bad) > 5 else "") if bad else " (on another rank)"
+        raise NonFiniteState(f"refusing to save step {step}: the state holds NaN/Inf values{where}")
     root = ckpt_root(output_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    dist_utils.barrier()
-    _fsync_write(tmp / f"rng_rank{rank}.pt", rng_state())
-    dist_utils.barrier()
+    error: Optional[BaseException] = None
+    try:
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+    except OSError as e:
+        error = e
+    if dist_utils.any_rank(error is not None):
+        _raise_write_error(error, root, step)
+    try:
+        _save_hashed(tmp / f"rng_rank{rank}.pt", rng_state())
+    except OSError as e:
+        error = e
+    if dist_utils.any_rank(error is not None):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _raise_write_error(error, root, step)
     if rank == 0:
         try:
-            _fsync_write(tmp / "state.pt", {"format": FORMAT, "version": VERSION, **state})
-            sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
-            (tmp / "meta.json").write_text(json.dumps({"format": FORMAT, "step": step, "files": sizes}))
-            if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(root)
-        except BaseException:
+            rng_files = [f"rng_rank{r}.pt" for r in range(world_size)]
+            _publish(tmp, final, {"format": FORMAT, "version": VERSION, **state}, rng_files,
+                     {"step": step, "world_size": world_size, "config": config})
+            _prune(root, keep)
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _prune(root, keep)
-    dist_utils.barrier()
+            if not isinstance(e, OSError):
+                raise
+            error = e
+    if dist_utils.any_rank(error is not None):
+        _raise_write_error(error, root, step)
     return final if rank == 0 else None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _publish(tmp: Path, final: Path, state: dict, extra_files: list[str], meta: dict) -> None:
+    """Write ``state.pt`` into the folder ``tmp`` (which may already hold ``extra_files``), then
+    ``meta.json`` with every file's size and SHA-256, then rename ``tmp`` to ``final``."""
+    files = {"state.pt": _save_hashed(tmp / "state.pt", state)}
+    for name in extra_files:
+        files[name] = {"size": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)}
+    with open(tmp / "meta.json", "w") as f:
+        json.dump({"format": FORMAT, "version": VERSION, **meta, "files": files}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def save_best(output_dir: str | os.PathLike, state: dict, *, config: Optional[dict] = None) -> Path:
+    """Rank 0: ``<output_dir>/best/`` = the model weights (no optimizer) with the step, epoch and the
+    metrics that made them the best, in the checkpoint layout (so fdfast-export / fdfast-eval read it);
+    replaced atomically."""
+    bad = _non_finite_keys(state)
+    if bad:
+        raise NonFiniteState(f"refusing to save the best weights: NaN/Inf in {', '.join(bad[:5])}")
+    out = Path(output_dir)
+    final, tmp = out / "best", out / f".tmp_best_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        tmp.mkdir(parents=True)
+        _publish(tmp, final, {"format": FORMAT, "version": VERSION, **state}, [],
+                 {"step": state.get("step"), "world_size": 1, "config": config})
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _raise_write_error(e, out, int(state.get("step") or 0))
+    return final
+
+
+def _raise_write_error(error: Optional[BaseException], root: Path, step: int) -> None:
+    if error is None:
+        raise CheckpointWriteError(f"writing checkpoint step {step} into {root} failed on another rank")
+    if getattr(error, "errno", None) == errno.ENOSPC:
+        raise CheckpointWriteError(f"no space left on {root} while writing checkpoint step {step}; free space "
+                                   "(or lower checkpoint.keep) and rerun: the run resumes from the last "
+                                   "complete checkpoint") from None
+    raise CheckpointWriteError(f"cannot write checkpoint step {step} into {root} ({error.strerror or error}); "
+                               "check that train.output_dir is writable") from None
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -145,52 +277,66 @@ def _prune(root: Path, keep: int) -> None:
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     root = ckpt_root(output_dir)
-    if not root.is_dir():
-        return []
-    out = []
-    for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if m and p.is_dir():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
-
-
-def is_complete(path: Path, world_size: int = 1) -> bool:
-    meta = path / "meta.json"
     try:
-        info = json.loads(meta.read_text())
-        files = info["files"]
-        if "state.pt" not in files:
-            return False
-        if any(f"rng_rank{r}.pt" not in files for r in range(world_size)):
-            return False
-        return all((path / name).stat().st_size == size for name, size in files.items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+        entries = list(root.iterdir()) if root.is_dir() else []
+    except OSError as e:
+        raise CheckpointLoadError(f"cannot list {root} ({e.strerror}); check its permissions") from None
+    return sorted((int(m.group(1)), p) for p in entries if (m := _STEP_DIR.match(p.name)) and p.is_dir())
 
 
-def find_latest(output_dir: str | os.PathLike, world_size: int = 1) -> Optional[Path]:
-    """Newest complete checkpoint folder, skipping incomplete or damaged ones."""
-    for _, path in reversed(list_checkpoints(output_dir)):
-        if is_complete(path, world_size):
-            return path
+def read_meta(path: str | os.PathLike) -> dict:
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
+def verify(path: str | os.PathLike, *, hashes: bool = True) -> Optional[str]:
+    """None when the folder is a complete, intact checkpoint; otherwise the reason it is not."""
+    path = Path(path)
+    try:
+        meta = read_meta(path)
+        files = meta["files"]
+        if meta.get("format") != FORMAT or "state.pt" not in files:
+            return "meta.json does not describe an fdfast checkpoint"
+        for name, info in files.items():
+            size, digest = (info["size"], info.get("sha256")) if isinstance(info, dict) else (info, None)
+            actual = (path / name).stat().st_size
+            if actual != size:
+                return f"{name} has {actual} bytes, meta.json says {size} (truncated or still being written)"
+            if hashes and digest is not None and file_sha256(path / name) != digest:
+                return f"{name} does not match its SHA-256 in meta.json (damaged on disk)"
+    except FileNotFoundError as e:
+        return f"{Path(e.filename).name} is missing"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"meta.json is unreadable ({type(e).__name__}: {e})"
     return None
 
 
+def valid_checkpoints(output_dir: str | os.PathLike, on_skip: Optional[Callable[[Path, str], None]] = None
+                      ) -> Iterator[Path]:
+    """Checkpoint folders newest first, verified; each skipped one is reported to ``on_skip(path, why)``."""
+    for _, path in reversed(list_checkpoints(output_dir)):
+        why = verify(path)
+        if why is None:
+            yield path
+        elif on_skip is not None:
+            on_skip(path, why)
+
+
+def find_latest(output_dir: str | os.PathLike, on_skip: Optional[Callable[[Path, str], None]] = None
+                ) -> Optional[Path]:
+    """Newest complete, intact checkpoint folder, skipping (and reporting) incomplete or damaged ones."""
+    return next(valid_checkpoints(output_dir, on_skip), None)
+
+
 def load_checkpoint(path: str | os.PathLike, rank: int = 0, map_location: Any = "cpu") -> tuple[dict, Optional[dict]]:
-    """(state, this rank's RNG state or None if the checkpoint was written by fewer ranks)."""
+    """(state, this rank's RNG state or None when the checkpoint was written by fewer ranks)."""
     path = Path(path)
-    if path.is_file():
-        state_file, folder = path, path.parent
-    else:
-        state_file, folder = path / "state.pt", path
+    state_file, folder = (path, path.parent) if path.is_file() else (path / "state.pt", path)
     try:
         state = torch.load(state_file, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"cannot read checkpoint {state_file}: {e}") from e
+        raise CheckpointLoadError(f"cannot read checkpoint {state_file}: {str(e).strip().splitlines()[0]}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise RuntimeError(f"{state_file} is not an fdfast training checkpoint (format={state.get('format')!r})"
-                           if isinstance(state, dict) else f"{state_file} is not an fdfast training checkpoint")
+        raise CheckpointLoadError(f"{state_file} is not an fdfast training checkpoint")
     rng_file = folder / f"rng_rank{rank}.pt"
     rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.exists() else None
     return state, rng

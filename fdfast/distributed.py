@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -40,6 +41,31 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30),
                                 device_id=dev if use_cuda else None)
     return DistInfo(rank, local, world, dev)
+
+
+def collective_device() -> torch.device:
+    """Where small tensors for collectives must live: the current CUDA device under NCCL, else the CPU."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s small picklable ``obj`` on every rank (``obj`` itself when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=collective_device())
+    return box[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one (a collective: every rank must call it)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def barrier() -> None:

@@ -160,9 +160,13 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, warmup_lr
 
 
 class Schedule:
-    """LR per parameter group at an optimizer step. Layer decay multiplies only the peak: every group
-    warms up from the same ``warmup_lr`` and ends at the same ``min_lr`` (timm scheduler semantics,
-    spec pitfall 14)."""
+    """LR per parameter group for the optimizer step ``step`` (0-based), as the official loop applies it.
+
+    The official ``train_one_epoch`` calls ``lr_scheduler.step_update(t)`` *after* optimizer step ``t``,
+    and the scheduler starts at ``warmup_lr``: step ``t`` therefore runs with the schedule's value at
+    ``t - 1``, and steps 0 and 1 both run at the warm-up start. Layer decay multiplies only the peak:
+    every group warms up from the same ``warmup_lr`` and ends at the same ``min_lr`` (timm scheduler
+    semantics, spec pitfall 14)."""
 
     def __init__(self, cfg: OptimConfig, total_batch: int, steps_per_epoch: int, epochs: int,
                  lr_scales: list[float]):
@@ -172,5 +176,6 @@ class Schedule:
         self.lr_scales = lr_scales
 
     def __call__(self, step: int) -> list[float]:
-        return [lr_at(step, self.total_steps, self.warmup_steps, self.peak * s, self.warmup_lr, self.min_lr)
+        t = max(step - 1, 0)
+        return [lr_at(t, self.total_steps, self.warmup_steps, self.peak * s, self.warmup_lr, self.min_lr)
                 for s in self.lr_scales]

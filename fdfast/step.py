@@ -79,13 +79,28 @@ class TrainStep:
         # clip_grad_norm_ scales by min(1, max/norm) on the device: no host sync.
         max_norm = self.clip_grad if self.clip_grad is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        skipped = ~torch.isfinite(grad_norm)
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
+            self.scaler.step(self.optimizer)  # GradScaler skips the update itself on inf/NaN gradients
             self.scaler.update()
         else:
-            self.optimizer.step()
+            self._step_unless(skipped)
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": total / n, "grad_norm": grad_norm}
+        return {"loss": total / n, "grad_norm": grad_norm, "skipped": skipped}
+
+    def _step_unless(self, skipped: torch.Tensor) -> None:
+        """The optimizer step, skipped when the gradient norm is NaN/Inf: one bad batch (or a loss spike)
+        must not turn the weights into NaN, which every later checkpoint and resume would then carry.
+        Fused Adam/AdamW read ``found_inf`` on the device and skip there (no host sync: the mechanism
+        GradScaler uses); other optimizers decide on the host, which is free on a CPU."""
+        if self.optimizer.defaults.get("fused"):
+            self.optimizer.found_inf = skipped.float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif not bool(skipped):
+            self.optimizer.step()
 
     def state_dict(self) -> dict:
         return {"scaler": self.scaler.state_dict() if self.scaler is not None else {}}

@@ -1,10 +1,15 @@
-"""The training loop: epochs, accumulation, logging cadence, checkpoint cadence, resume.
+"""The training loop: epochs, accumulation, logging cadence, checkpoint cadence, resume, clean stops.
 
 A *task* (``fdfast.tasks``, picked by ``train.task``) owns the models and the per-micro-batch loss;
 :class:`Trainer` owns everything around it: the loader, the optimizer, the LR schedule, the
 :class:`~fdfast.step.TrainStep`, and the loop, which moves batches into the step, reads metrics every
 ``log.every`` steps (the one place that waits for the device), evaluates, writes checkpoints and
-resumes. ``Trainer.state_dict()`` is exactly what a checkpoint holds.
+resumes (``fdfast.resume``). ``Trainer.state_dict()`` is exactly what a checkpoint holds.
+
+Safety (``fdfast.guard``, ``fdfast.checkpoint``): one run per output folder (a lock); SIGTERM / SIGINT /
+SIGUSR1 finish the current step, write a checkpoint and exit with ``EXIT_PREEMPTED``; a step whose
+gradient norm is NaN/Inf is skipped (counted in ``skipped_steps``), a NaN/Inf loss stops the run before
+anything else is saved, and no checkpoint ever holds a non-finite tensor.
 """
 from __future__ import annotations
 
@@ -17,20 +22,28 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+import yaml
 
 import pipelines
 
 from . import checkpoint as ckpt
-from .config import ConfigError, FDConfig, dump_config, to_dict
-from .distributed import DistInfo, all_reduce_mean, all_reduce_sum, init_distributed
+from .config import ConfigError, FDConfig, to_dict
+from .distributed import DistInfo, all_reduce_mean, any_rank, broadcast_object, init_distributed
+from .errors import UserError
+from .guard import RunLock, StopRequest
 from .logging import Progress, append_jsonl, log
 from .optim import Schedule, build_optimizer
+from .resume import archive_config, check_config_drift, choose_checkpoint, map_position
 from .step import TrainStep, resolve_precision
 from .tasks import TASKS, Task
 
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN/Inf; the run stops and the last good checkpoint is kept."""
+
+
+class Preempted(Exception):
+    """A stop signal arrived; a checkpoint of the current step was written."""
 
 
 def seed_all(seed: int) -> None:
@@ -75,19 +88,38 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
+def _agreed_error(error: Optional[UserError], what: str) -> None:
+    """Raise on every rank when any rank failed (a rank that stopped alone would hang the others)."""
+    if any_rank(error is not None):
+        raise error if error is not None else UserError(f"{what} failed on rank 0 (its message says why)")
+
+
 class Trainer:
     """Builds a run from its config (task, loader, optimizer, step, schedule) and trains it with
     :meth:`fit`. Every rank builds the same :class:`Trainer`; rank 0 writes the shared files."""
 
-    def __init__(self, cfg: FDConfig, info: Optional[DistInfo] = None):
-        self.cfg = cfg
+    def __init__(self, cfg: FDConfig, info: Optional[DistInfo] = None, *, allow_config_change: bool = False):
+        self.cfg, self.allow_config_change = cfg, allow_config_change
         self.info = info = info or init_distributed()
         self.out = Path(cfg.train.output_dir)
         tr = cfg.train
-        self.precision = resolve_precision(tr.precision, info.device)  # fails fast for fp16 on a CPU
+        self.lock = RunLock(self.out)
+        error = None
         if info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.out / "config.yaml")
+            try:
+                self.lock.acquire()
+            except UserError as e:
+                error = e
+        _agreed_error(error, "locking train.output_dir")
+        try:
+            self._build()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _build(self) -> None:
+        cfg, info, tr = self.cfg, self.info, self.cfg.train
+        self.precision = resolve_precision(tr.precision, info.device)  # fails fast for fp16 on a CPU
 
         # Same init on every rank (DDP also broadcasts rank 0's weights), then per-rank streams.
         seed_all(tr.seed)
@@ -105,6 +137,7 @@ class Trainer:
         self.total_batch = tr.batch_size * info.world_size * tr.accum_steps
         self.optimizer, self.step_fn, self.schedule = build_training(self.task, cfg, info, self.steps_per_epoch)
         self.step = 0
+        self.evaluated_epoch = 0
         self.best: dict[str, Any] = {}
         self.metrics_path = self.out / "metrics.jsonl"
 
@@ -114,7 +147,9 @@ class Trainer:
         return {"model": self.task.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "step_state": self.step_fn.state_dict(), "step": self.step,
                 "epoch": self.step // self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
-                "config": to_dict(self.cfg), "best": self.best, "extra": self.task.state_dict()}
+                "total_batch": self.total_batch, "world_size": self.info.world_size,
+                "evaluated_epoch": self.evaluated_epoch, "config": to_dict(self.cfg), "best": self.best,
+                "extra": self.task.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.task.model.load_state_dict(state["model"])
@@ -122,53 +157,107 @@ class Trainer:
         self.step_fn.load_state_dict(state["step_state"])
         self.task.load_state_dict(state.get("extra", {}))
         self.best = dict(state.get("best", {}))
-        self.step = int(state["step"])
+        position = map_position(state, self.steps_per_epoch, self.total_batch)
+        if position.note and self.info.is_main:
+            log(f"WARNING: {position.note}")
+        self.step = position.step
+        spe_old = int(state.get("steps_per_epoch") or self.steps_per_epoch)
+        # checkpoints before this field: an epoch boundary was evaluated before the checkpoint was written
+        self.evaluated_epoch = int(state.get("evaluated_epoch", int(state["step"]) // spe_old))
+
+    def _warn(self, path: Path, why: str) -> None:
+        if self.info.is_main:
+            log(f"WARNING: skipping checkpoint {path}: {why}")
 
     def resume(self) -> Optional[Path]:
-        """Load the newest complete checkpoint of ``output_dir`` (with this rank's RNG state), if any."""
-        latest = ckpt.find_latest(self.out, self.info.world_size) if self.cfg.train.resume else None
-        if latest is None:
+        """Load the checkpoint to continue from (see ``fdfast.resume``), with this rank's RNG state."""
+        info, chosen, state, rng, error = self.info, None, None, None, None
+        if info.is_main:
+            try:
+                candidates = choose_checkpoint(self.out, self.cfg.train.resume, self._warn)
+                for path in candidates:
+                    try:
+                        state, rng = ckpt.load_checkpoint(path, 0, map_location=info.device)
+                        chosen = path
+                        break
+                    except ckpt.CheckpointLoadError as e:
+                        self._warn(path, str(e))
+                if chosen is not None:
+                    check_config_drift(state.get("config"), to_dict(self.cfg), allow=self.allow_config_change,
+                                       where=chosen, log=log)
+            except UserError as e:
+                error = e
+        _agreed_error(error, "choosing the checkpoint to resume from")
+        chosen = broadcast_object(str(chosen) if chosen is not None else None)
+        if chosen is None:
             return None
-        state, rng = ckpt.load_checkpoint(latest, self.info.rank, map_location=self.info.device)
+        chosen = Path(chosen)
+        if not info.is_main:
+            state, rng = ckpt.load_checkpoint(chosen, info.rank, map_location=info.device)
         self.load_state_dict(state)
-        if rng is not None:
-            ckpt.set_rng_state(rng)
+        same_world = int(state.get("world_size", info.world_size)) == info.world_size
+        if rng is not None and same_world:
+            ckpt.set_rng_state(rng)  # else every rank keeps the seed + rank streams it started with
+        if info.is_main:
+            _truncate_metrics(self.metrics_path, int(state["step"]))  # the checkpoint's own step numbering
+            if self.step != int(state["step"]):
+                append_jsonl(self.metrics_path, {"kind": "resume", "step": self.step, "from_step": int(state["step"]),
+                                                 "world_size": info.world_size, "total_batch": self.total_batch})
+            log(f"resumed from {chosen} at step {self.step} (epoch {self.step // self.steps_per_epoch})")
+        return chosen
+
+    def write_config(self) -> None:
+        """``config.yaml`` = this start's resolved config; an earlier, different one is kept beside it."""
         if self.info.is_main:
-            _truncate_metrics(self.metrics_path, self.step)
-            log(f"resumed from {latest} at step {self.step} (epoch {self.step // self.steps_per_epoch})")
-        return latest
+            text = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
+            kept = archive_config(self.out / "config.yaml", text)
+            if kept is not None:
+                log(f"the previous start's config is kept as {kept}")
+            (self.out / "config.yaml").write_text(text)
 
     def save(self) -> None:
         path = ckpt.save_checkpoint(self.out, self.step, self.state_dict(), rank=self.info.rank,
-                                    keep=self.cfg.checkpoint.keep)
+                                    keep=self.cfg.checkpoint.keep, world_size=self.info.world_size,
+                                    config=to_dict(self.cfg))
         if path is not None:
             log(f"checkpoint {path}")
 
     # -- the loop ------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
+        try:
+            with StopRequest() as stop:
+                return self._fit(stop)
+        finally:
+            self.lock.release()
+
+    def _fit(self, stop: StopRequest) -> dict[str, Any]:
         cfg, info, tr = self.cfg, self.info, self.cfg.train
         latest = self.resume()
+        self.write_config()
         resumed_at = self.step
         spe, last_step = self.steps_per_epoch, self.last_step
         if info.is_main:
             log(f"task={tr.task} steps={last_step} (epoch = {spe} steps of {self.total_batch} images) "
                 f"device={info.device} x{info.world_size} precision={self.precision} backend={cfg.data.backend}")
         progress = Progress(total=last_step, start=self.step, enabled=info.is_main, mode=cfg.log.progress)
-        bad = torch.zeros((), dtype=torch.bool, device=info.device)
+        bad_loss = torch.zeros((), dtype=torch.bool, device=info.device)
+        skipped = torch.zeros((), dtype=torch.int64, device=info.device)
         last_loss = float("nan")
         window_t0, window_steps, data_wait = time.perf_counter(), 0, 0.0
         t_start = time.perf_counter()
+        # acted on where the loop already waits for the device (single process: every step, for free)
+        signal_every = 1 if info.world_size == 1 else min(cfg.log.every, 10)
 
         def check_finite(at: int) -> None:
-            # agreed across ranks: a rank that stopped alone would leave the others waiting in the next
-            # collective (the all-reduce of the loss, or the checkpoint barrier)
-            if bool(all_reduce_sum(bad.float())):
+            if any_rank(bool(bad_loss)):
                 raise NonFiniteLoss(f"loss became NaN/Inf at or before step {at}; stopping. The last good "
                                     f"checkpoint in {ckpt.ckpt_root(self.out)} is intact: lower optim.base_lr, "
                                     "enable optim.clip_grad, or use train.precision=fp32/bf16, then rerun to "
                                     "resume from it")
 
         try:
+            if self.task.can_evaluate and self._due_for_eval() and self.evaluated_epoch < self.step // spe:
+                self._evaluate()  # the run stopped after this epoch's checkpoint but before its evaluation
             while self.step < last_step:
                 epoch = self.step // spe
                 self.loader.set_epoch(epoch, (self.step % spe) * tr.accum_steps)
@@ -181,7 +270,8 @@ class Trainer:
                     lrs = self.schedule(self.step)
                     self.step_fn.set_lr(lrs)
                     out_t = self.step_fn(batches)
-                    bad |= ~torch.isfinite(out_t["loss"])
+                    bad_loss |= ~torch.isfinite(out_t["loss"])
+                    skipped += out_t["skipped"]
                     self.step += 1
                     window_steps += 1
                     if self.step % cfg.log.every == 0 or self.step == last_step:
@@ -190,49 +280,65 @@ class Trainer:
                         now = time.perf_counter()
                         dt = now - window_t0
                         rec = {"step": self.step, "epoch": self.step / spe, "loss": float(loss),
-                               "grad_norm": float(out_t["grad_norm"]), "lr": lrs[-1],
+                               "grad_norm": float(out_t["grad_norm"]), "lr": lrs[-1], "lr_groups": list(lrs),
                                "img_per_s_per_device": window_steps * tr.batch_size * tr.accum_steps / dt,
-                               "data_wait": data_wait / dt, "time": now - t_start}
+                               "data_wait": data_wait / dt, "skipped_steps": int(skipped), "time": now - t_start,
+                               "wall_time": time.time()}
                         last_loss = rec["loss"]
                         if info.is_main:
                             append_jsonl(self.metrics_path, rec)
                         progress.update(self.step, rec)
                         window_t0, window_steps, data_wait = now, 0, 0.0
+                    if self.step % signal_every == 0 and any_rank(stop.requested) and self.step != last_step:
+                        check_finite(self.step)
+                        self.save()
+                        raise Preempted(f"stopped by signal {stop.signum or 'on another rank'} at step {self.step}; "
+                                        "a checkpoint was written: rerun the same command to resume")
                     if self.step % cfg.checkpoint.every == 0 and self.step != last_step:
                         check_finite(self.step)
                         self.save()
                 del it
-                if self.task.can_evaluate and (self.step % spe == 0 or self.step == last_step):
-                    self._maybe_evaluate()
+                if self.task.can_evaluate and self._due_for_eval():
+                    self._evaluate()
             check_finite(self.step)
             if latest is None or self.step > resumed_at:  # a rerun of a finished job rewrites nothing
                 self.save()
         finally:
             progress.close()
         summary = {"step": self.step, "loss": last_loss, "best": self.best, "output_dir": str(self.out),
-                   "seconds": time.perf_counter() - t_start}
+                   "skipped_steps": int(skipped), "seconds": time.perf_counter() - t_start}
         if info.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
-    def _maybe_evaluate(self) -> None:
+    def _due_for_eval(self) -> bool:
+        """At an epoch end that the eval cadence asks for, or at the last step."""
+        if self.step == self.last_step:
+            return True
+        return self.step % self.steps_per_epoch == 0 and (self.step // self.steps_per_epoch) % self.cfg.train.eval_every == 0
+
+    def _evaluate(self) -> None:
         ep = math.ceil(self.step / self.steps_per_epoch)
-        if ep % self.cfg.train.eval_every != 0 and self.step != self.last_step:
-            return
         res = self.task.evaluate()
         res.update(step=self.step, epoch=ep, kind="eval")
+        self.evaluated_epoch = max(self.evaluated_epoch, self.step // self.steps_per_epoch)
         if res.get("top1", -1) > self.best.get("top1", -1):
             self.best = dict(res)
+            if self.info.is_main:
+                path = ckpt.save_best(self.out, {"model": self.task.model.state_dict(), "step": self.step,
+                                                 "epoch": ep, "best": self.best, "config": to_dict(self.cfg)},
+                                      config=to_dict(self.cfg))
+                log(f"best top-1 so far: {res['top1']:.2f}% at epoch {ep}, weights in {path}")
         if self.info.is_main:
             append_jsonl(self.metrics_path, res)
             log(f"eval epoch {ep}: " + ", ".join(f"{k}={v:.4f}" for k, v in res.items() if isinstance(v, float)))
 
 
-def train(cfg: FDConfig, info: Optional[DistInfo] = None,
-          on_end: Optional[Callable[[Task], None]] = None) -> dict[str, Any]:
+def train(cfg: FDConfig, info: Optional[DistInfo] = None, on_end: Optional[Callable[[Task], None]] = None, *,
+          allow_config_change: bool = False) -> dict[str, Any]:
     """Run (or resume) the configured task; returns a summary dict. ``on_end(task)`` is called on
     every rank after the final checkpoint (tests use it to compare ranks' in-memory weights)."""
-    trainer = Trainer(cfg, info)
+    trainer = Trainer(cfg, info, allow_config_change=allow_config_change)
     summary = trainer.fit()
     if on_end is not None:
         on_end(trainer.task)

@@ -37,12 +37,35 @@ def test_schedule_matches_timm_cosine_scheduler():
         assert opt.param_groups[0]["lr"] == pytest.approx(lr_at(t, total, warm, 1.2e-3, 2e-6, 2e-5))
 
 
+def test_schedule_applies_lr_as_the_official_loop_does():
+    """Official train_one_epoch: the step runs with the optimizer's current LR, then
+    lr_scheduler.step_update(epoch * num_steps + idx). So step t runs at the schedule's t - 1, and steps
+    0 and 1 both at warmup_lr (timm's scheduler sets warmup_lr_init when it is built)."""
+    from timm.scheduler import CosineLRScheduler
+    steps_per_epoch, epochs, warm_epochs = 7, 5, 2
+    cfg = OptimConfig(base_lr=512e-3, warmup_lr=512e-6, min_lr=512e-5, warmup_epochs=warm_epochs)
+    peak, w0, low = scaled_lrs(cfg, 512)
+    total, warm = steps_per_epoch * epochs, steps_per_epoch * warm_epochs
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=peak)
+    sched = CosineLRScheduler(opt, t_initial=total - warm, lr_min=low, warmup_lr_init=w0, warmup_t=warm,
+                              cycle_limit=1, t_in_epochs=False, warmup_prefix=True)
+    official = []
+    for epoch in range(epochs):
+        for idx in range(steps_per_epoch):
+            official.append(opt.param_groups[0]["lr"])  # what this optimizer step runs with
+            sched.step_update(epoch * steps_per_epoch + idx)
+    ours = [Schedule(cfg, 512, steps_per_epoch, epochs, [1.0])(t)[0] for t in range(total)]
+    assert ours == pytest.approx(official, rel=1e-12, abs=0)
+    assert ours[0] == ours[1] == pytest.approx(w0)
+
+
 def test_layer_decay_scales_only_the_peak():
     cfg = OptimConfig(base_lr=512e-3, warmup_lr=512e-6, min_lr=512e-5, warmup_epochs=1)
     s = Schedule(cfg, 512, steps_per_epoch=10, epochs=10, lr_scales=[0.5, 1.0])
     assert s(0) == pytest.approx([0.512e-3, 0.512e-3])  # both groups start at warmup_lr
-    assert s(10) == pytest.approx([0.5 * 0.512, 0.512])
-    assert s(100) == pytest.approx([5.12e-3, 5.12e-3])
+    assert s(11) == pytest.approx([0.5 * 0.512, 0.512])  # step 11 runs at the schedule's step 10
+    assert s(101) == pytest.approx([5.12e-3, 5.12e-3])
 
 
 def _names(groups, wd):

@@ -1,4 +1,7 @@
 """The FD step: what receives gradients, what stays frozen, what it returns."""
+import copy
+
+import pytest
 import torch
 
 from fdfast.distributed import DistInfo
@@ -32,9 +35,9 @@ def test_only_student_and_projector_train_and_teacher_is_bit_identical(tiny_cfg)
     assert not any(p is q for p in teacher.parameters() for q in task.model.parameters())
 
     out = step([_batch()])
-    assert set(out) == {"loss", "grad_norm"}
+    assert set(out) == {"loss", "grad_norm", "skipped"}
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in out.values())
-    assert torch.isfinite(out["loss"]) and out["loss"] > 0
+    assert torch.isfinite(out["loss"]) and out["loss"] > 0 and not out["skipped"]
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, before_t[k]), f"teacher tensor {k} changed"
     assert not teacher.training
@@ -63,3 +66,25 @@ def test_gradient_clipping_caps_the_update(tiny_cfg):
     out = step([_batch()])
     # grad_norm reports the pre-clip norm; the clipped norm is 1e-4 < the raw one
     assert out["grad_norm"] > 1e-4
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_infinite_gradient_skips_the_update_instead_of_poisoning_the_weights(tiny_cfg, fused):
+    """An Inf gradient with a finite loss: clipping turns it into NaN updates. The step must leave every
+    weight and the optimizer state as they were, report the skip, and train normally on the next batch."""
+    cfg = tiny_cfg(optim={"fused": fused})
+    task, step = _setup(cfg)
+    step([_batch()])  # one normal step: optimizer state exists
+    before = {k: v.clone() for k, v in task.model.state_dict().items()}
+    opt_before = copy.deepcopy(step.optimizer.state_dict())
+    hook = task.model.decoder.weight.register_hook(lambda g: g * float("inf"))
+    out = step([_batch()])
+    hook.remove()
+    assert torch.isfinite(out["loss"]) and not torch.isfinite(out["grad_norm"]) and bool(out["skipped"])
+    assert all(torch.equal(v, before[k]) for k, v in task.model.state_dict().items())
+    after = step.optimizer.state_dict()
+    for pid, st in opt_before["state"].items():
+        assert all(torch.equal(st[k], after["state"][pid][k]) for k in st), "optimizer state moved on a skipped step"
+    out = step([_batch()])
+    assert not out["skipped"] and all(torch.isfinite(v).all() for v in task.model.state_dict().values())
+    assert any(not torch.equal(v, before[k]) for k, v in task.model.state_dict().items())

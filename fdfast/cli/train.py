@@ -1,7 +1,9 @@
 """fdfast-train: parse, build, train. Plain or under torchrun (ranks come from the environment).
 
-Exit codes: 0 done; 2 a user-fixable error (config, file, missing library: one line, no traceback);
-3 the loss became NaN/Inf (nothing saved; the last good checkpoint is kept).
+Exit codes: 0 done; 2 a user-fixable error (config, file, missing library, a locked output folder, a
+config that no longer fits the checkpoint: one line, no traceback); 3 the loss became NaN/Inf (nothing
+saved; the last good checkpoint is kept); 4 stopped by SIGTERM / SIGINT / SIGUSR1 after writing a
+checkpoint of the current step (rerun the same command to resume).
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import yaml
 from .. import distributed
 from ..config import load_config, to_dict
 from ..errors import UserError
-from ..trainer import NonFiniteLoss, train
+from ..guard import EXIT_PREEMPTED
+from ..trainer import NonFiniteLoss, Preempted, train
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -27,6 +30,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, repeatable: --set optim.base_lr=1e-3 --set train.epochs=10")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even when the config changes the model, data geometry, augmentation or optimizer "
+                        "the checkpoint was trained with (the changes are logged)")
     return p.parse_args(argv)
 
 
@@ -52,10 +58,13 @@ def main(argv=None) -> int:
         return 0
     info = distributed.init_distributed()
     try:
-        summary = train(cfg, info)
+        summary = train(cfg, info, allow_config_change=args.allow_config_change)
     except NonFiniteLoss as e:
         print(f"fdfast-train: {e}", file=sys.stderr)
         return 3
+    except Preempted as e:
+        print(f"fdfast-train: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except UserError as e:  # bad input: one clear line, no traceback
         print(f"fdfast-train: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from .checks import finite, need
 
@@ -65,8 +65,9 @@ class TrainConfig:
     """Seed for init, data order and augmentation."""
     output_dir: str = "runs/fd"
     """Checkpoints, metrics.jsonl and the resolved config go here."""
-    resume: bool = True
-    """Resume automatically from the latest valid checkpoint in output_dir."""
+    resume: Union[bool, str] = True
+    """true: continue from the newest valid checkpoint in output_dir; false: start fresh; a path (a
+    step_XXXXXXXX folder or a run folder): start from it when output_dir has no checkpoint yet."""
     channels_last: bool = True
     """Run convolutions on channels-last memory."""
     tf32: bool = True
@@ -87,6 +88,7 @@ class TrainConfig:
         need(self.max_steps is None or self.max_steps >= 1, "train.max_steps must be >= 1 or null")
         need(self.eval_every >= 1, f"train.eval_every must be >= 1, got {self.eval_every}")
         need(bool(self.output_dir.strip()), "train.output_dir is empty: name the folder for checkpoints and logs")
+        need(self.resume is not None and self.resume != "", "train.resume is true, false or a checkpoint path")
 
 
 @dataclass(kw_only=True)

@@ -1,0 +1,101 @@
+"""What keeps a run safe as a process: one run per output folder, and a clean stop on a signal.
+
+* :class:`RunLock` — an exclusive ``fcntl.flock`` on ``<output_dir>/.fdfast.lock`` held by rank 0 for
+  the life of the process. The kernel releases it when the process dies (kill -9 included), so a stale
+  lock never blocks a rerun. A second ``fdfast-train`` on the same folder exits 2 naming the holder's
+  PID. (``flock`` on network filesystems is only as good as their lock support; NFSv4 and Lustre with
+  ``flock`` mounts honour it.)
+* :class:`StopRequest` — SIGTERM, SIGINT and SIGUSR1 (what SLURM, Kubernetes and Ctrl-C send) set a flag
+  instead of killing the process; the trainer finishes the current step, all ranks agree, a checkpoint
+  is written and the process exits with :data:`EXIT_PREEMPTED`. A second SIGINT interrupts at once.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Optional
+
+from .errors import UserError
+
+EXIT_PREEMPTED = 4
+"""Exit status after a signal: a checkpoint of the current step was written; rerun to resume."""
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class RunLocked(UserError):
+    """Another process holds the output folder."""
+
+
+class OutputNotWritable(UserError, OSError):
+    """train.output_dir cannot be created or written."""
+
+
+class RunLock:
+    """Exclusive lock of an output folder for the life of this process (see the module docstring)."""
+
+    NAME = ".fdfast.lock"
+
+    def __init__(self, output_dir: str | os.PathLike):
+        self.path = Path(output_dir) / self.NAME
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputNotWritable(f"train.output_dir={str(self.path.parent)!r} is not writable ({e.strerror}); "
+                                    "choose a folder you can write to") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunLocked(f"train.output_dir={str(self.path.parent)!r} is in use by another fdfast-train "
+                            f"(PID {holder}); wait for it to finish or choose another train.output_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+
+class StopRequest:
+    """Turns the stop signals into a flag for the training loop while installed (main thread only)."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now, without the checkpoint
+        self.signum = signum
+
+    def install(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def __enter__(self) -> "StopRequest":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
