@@ -102,7 +102,6 @@ class Trainer:
         self.cfg, self.allow_config_change = cfg, allow_config_change
         self.info = info = info or init_distributed()
         self.out = Path(cfg.train.output_dir)
-        tr = cfg.train
         self.lock = RunLock(self.out)
         error = None
         if info.is_main:
