@@ -80,14 +80,26 @@ def apply_compile(module: nn.Module, compile_cfg: CompileConfig, *, scope: Optio
     return module
 
 
+def set_grad_checkpointing(model: nn.Module, enable: bool = True) -> int:
+    """Activation checkpointing in every timm network inside ``model`` (a DistillModel's encoder, a
+    fine-tune student); returns how many were switched. torch.utils.checkpoint replays the RNG state, so
+    drop path draws the same masks in the recomputation: loss and gradients are unchanged."""
+    nets = [m for m in model.modules() if hasattr(m, "set_grad_checkpointing") and hasattr(m, "forward_features")]
+    for m in nets:
+        m.set_grad_checkpointing(enable)
+    return len(nets)
+
+
 def prepare_model(model: nn.Module, cfg: FDConfig, info: DistInfo) -> nn.Module:
     """What every task does to its trainable model before wrapping: process-wide backend flags (TF32,
-    cudnn.benchmark), the device, channels-last memory and the attention kernel."""
+    cudnn.benchmark), the device, channels-last memory, the attention kernel and activation checkpointing."""
     apply_backend_settings(cfg.train, info.device)
     model = model.to(info.device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     set_attention_kernel(model, cfg.model.attention)
+    if cfg.model.grad_checkpointing and not set_grad_checkpointing(model):
+        raise ValueError(f"model.grad_checkpointing: {type(model).__name__} holds no timm network to checkpoint")
     return model
 
 

@@ -578,3 +578,51 @@ def test_exact_resume(tmp_path, folders):
     a = ckpt.load_checkpoint(ckpt.find_latest(tmp_path / "full"))[0]["model"]
     b = ckpt.load_checkpoint(ckpt.find_latest(tmp_path / "part"))[0]["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_best_weights_are_kept_beside_the_last_checkpoints(tmp_path, folders, monkeypatch):
+    """best/ holds the weights of the epoch with the highest top-1, not the last epoch's."""
+    import copy
+
+    from fdfast.tasks.finetune import FinetuneTask
+    from fdfast.trainer import train as run_train
+
+    train_dir, val = folders
+    scripted, seen = iter([10.0, 30.0, 20.0]), []
+
+    def fake_eval(self):
+        seen.append(copy.deepcopy(self.model.state_dict()))
+        return {"top1": next(scripted), "top5": 90.0, "loss": 1.0, "count": 17}
+
+    monkeypatch.setattr(FinetuneTask, "evaluate", fake_eval)
+    out = tmp_path / "ft"
+    run_train(config_from_dict(_e2e_dict(tmp_path, train_dir, val, out, epochs=3)), CPU)
+    assert ckpt.verify(out / "best") is None
+    best, _ = ckpt.load_checkpoint(out / "best")
+    assert best["epoch"] == 2 and best["best"]["top1"] == 30.0 and "optimizer" not in best
+    assert all(torch.equal(best["model"][k], seen[1][k]) for k in seen[1])
+    assert not all(torch.equal(best["model"][k], seen[2][k]) for k in seen[2])
+
+
+def test_an_epoch_checkpointed_but_not_evaluated_is_evaluated_on_resume(tmp_path, folders, monkeypatch):
+    from fdfast.tasks.finetune import FinetuneTask
+    from fdfast.trainer import train as run_train
+
+    train_dir, val = folders
+    real = FinetuneTask.evaluate
+    calls = []
+
+    def killed_in_eval(self):
+        calls.append("x")
+        raise KeyboardInterrupt("killed after the epoch's checkpoint, before its evaluation")
+
+    d = _e2e_dict(tmp_path, train_dir, val, tmp_path / "ft", epochs=2)
+    d["checkpoint"] = {"every": 3}  # 3 steps per epoch: a checkpoint at each epoch end
+    monkeypatch.setattr(FinetuneTask, "evaluate", killed_in_eval)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(config_from_dict(d), CPU)
+    assert calls and ckpt.find_latest(tmp_path / "ft").name == "step_00000003"
+    monkeypatch.setattr(FinetuneTask, "evaluate", real)
+    run_train(config_from_dict(d), CPU)
+    _, evals = _metrics(tmp_path / "ft")
+    assert [e["epoch"] for e in evals] == [1, 2], "epoch 1 was checkpointed but never evaluated"

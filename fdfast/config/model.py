@@ -112,6 +112,10 @@ class ModelConfig:
     code stored in the file: only for files from a source you trust)."""
     attention: Literal["sdpa", "flex", "eager"] = "sdpa"
     """Student attention kernel with the relative position bias (models/attention.py)."""
+    grad_checkpointing: bool = False
+    """Recompute each student block's activations in the backward pass instead of storing them
+    (timm's set_grad_checkpointing; the official TRAIN.USE_CHECKPOINT): less memory, ~30 % more compute,
+    same loss and gradients."""
 
     def __post_init__(self) -> None:
         finite(self.whiten_eps, "model.whiten_eps")
