@@ -32,16 +32,19 @@ TENSORBOARD_DIR = "tensorboard"
 # W&B run instead of starting a new one at every restart.
 WANDB_ID_FILE = "wandb_run_id"
 _DALI_DIST = re.compile(r"nvidia-dali(-nightly)?-cuda\d+")
+# record fields that are not curves: the x axis, the namespace, and the wall-clock timestamp, which
+# TensorBoard and W&B already store with every point
+NOT_SCALARS = ("step", "kind", "wall_time")
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
     """The numeric fields of ``record`` by tag: ``<kind>/<field>`` (kind defaults to ``train``), list
-    fields as ``<kind>/<field>/<index>``. ``step`` is the x axis, not a scalar; strings, bools and None
-    (e.g. no peak memory on a CPU) are not metrics."""
+    fields as ``<kind>/<field>/<index>``. Neither :data:`NOT_SCALARS` nor strings, bools and None (e.g.
+    no peak memory on a CPU) are metrics."""
     namespace = record.get("kind", "train")
     out: dict[str, float] = {}
     for key, value in record.items():
-        if key in ("step", "kind"):
+        if key in NOT_SCALARS:
             continue
         items = enumerate(value) if isinstance(value, (list, tuple)) else [(None, value)]
         for index, v in items:
