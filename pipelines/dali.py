@@ -49,8 +49,7 @@ import torch
 
 from .base import CROP_RATIO, CountedLoader, LoaderSpec, MissingDependency, check_center_crop_backend
 
-INSTALL_HINT = ("install DALI with `bash scripts/install_optional_deps.sh .venv/bin/python` "
-                "(or pip install nvidia-dali-cuda120)")
+INSTALL_HINT = "install DALI with `pip install 'fdfast[dali]'` (nvidia-dali-cuda120), or in a source checkout `bash scripts/install_optional_deps.sh .venv/bin/python`"
 
 # nvJPEG buffers sized for the largest ImageNet image, and DALI's ResNet-50 example paddings.
 PREALLOCATE_WIDTH_HINT = 5980

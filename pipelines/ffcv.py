@@ -46,8 +46,7 @@ import torch
 
 from .base import CROP_RATIO, CountedLoader, LoaderSpec, MissingDependency, check_center_crop_backend
 
-INSTALL_HINT = ("install FFCV with `bash scripts/install_optional_deps.sh .venv/bin/python` "
-                "(Debian: builds ffcv 1.0.2 against libturbojpeg and OpenCV core/imgproc)")
+INSTALL_HINT = "install FFCV with `pip install 'fdfast[ffcv]' && pip install --no-deps ffcv==1.0.2` (it compiles: needs a C++ compiler, pkg-config, libturbojpeg and OpenCV, see the README's Install section), or in a source checkout `bash scripts/install_optional_deps.sh .venv/bin/python`"
 
 
 def _import_ffcv():

@@ -37,6 +37,7 @@ DALI_SPEC='nvidia-dali-cuda120>=2,<3'
 APT_PACKAGES=(pkg-config libturbojpeg0-dev libopencv-core-dev libopencv-imgproc-dev)
 # ffcv 1.0.2's install_requires, with opencv-python replaced by the headless build (see above), plus
 # setuptools: ffcv.pipeline.graph imports distutils, which Python >= 3.12 only has through setuptools.
+# The same list as pyproject.toml's `ffcv` extra (what a wheel user installs; the tests compare them).
 FFCV_DEPS=(numba opencv-python-headless terminaltables pytorch_pfn_extras fastargs assertpy tqdm psutil setuptools)
 
 export DEBIAN_FRONTEND=noninteractive

@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fdfast.cli import train as train_cli
 from fdfast.config import ConfigError, FDConfig, dump_config, load_config
+from fdfast.config.load import resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ROOT / "configs" / "pretrain"
@@ -117,3 +119,52 @@ def test_sections_check_themselves_when_built_in_python():
         StudentConfig(arch="swinv2", depth=12, num_heads=12)
     s = StudentConfig(arch="swinv2", img_size=224, patch_size=4, depth=[2, 2, 18, 2], num_heads=[4, 8, 16, 32])
     assert s.num_blocks == 24 and s.num_tokens == 49
+
+
+# --- configs shipped with the package, by name ----------------------------------------------------
+CONFIGS = ROOT / "configs"
+
+
+def test_bare_and_relative_names_resolve_to_the_shipped_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside the repository: only the shipped copy can answer
+    by_path = load_config(PRETRAIN / "fd_clip_vit_base_300ep.yaml")
+    for name in ("fd_clip_vit_base_300ep", "fd_clip_vit_base_300ep.yaml", "pretrain/fd_clip_vit_base_300ep",
+                 "configs/pretrain/fd_clip_vit_base_300ep.yaml"):
+        assert resolve_config(name) == CONFIGS / "pretrain" / "fd_clip_vit_base_300ep.yaml", name
+        assert load_config(name) == by_path, name
+    assert resolve_config("clip_vit_large_300ep") == CONFIGS / "finetune" / "clip_vit_large_300ep.yaml"
+    assert load_config("finetune/demo_cpu").train.task == "finetune"  # its base: include resolved too
+
+
+def test_an_existing_file_wins_over_a_shipped_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fd_clip_vit_base_300ep.yaml").write_text("train: {epochs: 7}\n")
+    assert load_config("fd_clip_vit_base_300ep.yaml").train.epochs == 7
+    assert load_config("fd_clip_vit_base_300ep").train.epochs == 300  # no file of that exact name here
+
+
+def test_ambiguous_and_unknown_names_say_what_to_pass():
+    with pytest.raises(ConfigError, match=r"'demo_cpu' is ambiguous.*pretrain/demo_cpu, finetune/demo_cpu"):
+        load_config("demo_cpu")
+    with pytest.raises(ConfigError, match=r"did you mean 'fd_dino_vit_base_300ep'.*--list-configs"):
+        load_config("fd_dino_vit_base_300")
+    with pytest.raises(ConfigError, match=r"'pretrain/nope.yaml' is neither a file nor"):
+        load_config("pretrain/nope.yaml")
+
+
+def test_list_configs_names_every_runnable_config_once(capsys):
+    assert train_cli.main(["--list-configs"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert str(CONFIGS) in out[0]
+    listed = {line.split()[0]: line.split(maxsplit=1)[1] for line in out[1:]}
+    files = sorted(p for p in CONFIGS.rglob("*.yaml") if not p.name.startswith("_"))
+    assert len(listed) == len(files) == 14
+    assert sorted(resolve_config(name) for name in listed) == files  # every listed name runs that file
+    assert listed["fd_clip_vit_base_100ep"] == "CLIP ViT-B/16 -> ViT-B/16, 100 epochs."
+    assert "pretrain/demo_cpu" in listed and "finetune/demo_cpu" in listed
+
+
+def test_cli_needs_a_config_unless_listing(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train_cli.main([])
+    assert exit_.value.code == 2 and "--list-configs" in capsys.readouterr().err

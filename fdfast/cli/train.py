@@ -16,6 +16,7 @@ import yaml
 
 from .. import distributed
 from ..config import load_config, to_dict
+from ..config.load import list_configs, packaged_configs_dir
 from ..errors import UserError
 from ..guard import EXIT_PREEMPTED
 from ..trainer import NonFiniteLoss, Preempted, train
@@ -26,14 +27,26 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="fdfast-train",
         description="Feature Distillation / fine-tuning / linear probe. Resumes automatically from the "
                     "latest valid checkpoint in train.output_dir.")
-    p.add_argument("--config", "-c", required=True, help="YAML config (see configs/)")
+    p.add_argument("--config", "-c", help="a YAML file, or the name of a shipped config (see --list-configs)")
+    p.add_argument("--list-configs", action="store_true", help="list the shipped configs' names and exit")
     p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, repeatable: --set optim.base_lr=1e-3 --set train.epochs=10")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume even when the config changes the model, data geometry, augmentation or optimizer "
                         "the checkpoint was trained with (the changes are logged)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not (args.config or args.list_configs):
+        p.error("--config is required: a YAML file or a shipped config name (see --list-configs)")
+    return args
+
+
+def print_config_list() -> None:
+    configs = list_configs()
+    print(f"configs shipped with fdfast ({packaged_configs_dir()}); run one with --config NAME:")
+    width = max(len(name) for name, _ in configs)
+    for name, about in configs:
+        print(f"  {name:<{width}}  {about}")
 
 
 def _loss_trend(output_dir: str) -> str:
@@ -49,6 +62,9 @@ def _loss_trend(output_dir: str) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if args.list_configs:
+            print_config_list()
+            return 0
         cfg = load_config(args.config, args.overrides)
     except UserError as e:
         print(f"fdfast-train: config error: {e}", file=sys.stderr)

@@ -4,12 +4,14 @@ A config is a YAML file whose keys mirror the dataclasses of :mod:`fdfast.config
 ``load_config`` merges, in order: the schema defaults, the YAML file (and any file it names under
 ``base:``), then ``--set a.b=value`` overrides. Unknown keys and wrong types raise
 :class:`ConfigError` naming the key and the nearest valid one; each section then checks its own
-values (``__post_init__``).
+values (``__post_init__``). The file is a path or the name of a config shipped with the package
+(``fd_clip_vit_base_300ep``, ``pretrain/demo_cpu``): see :func:`resolve_config`.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -152,6 +154,89 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     return data
 
 
+# ----------------------------------------------------------------------------------------------
+# Configs shipped with the package, by name
+# ----------------------------------------------------------------------------------------------
+CONFIG_GROUPS = ("pretrain", "finetune")
+"""Sub-folders of the shipped configs, in the order a bare name is looked up (and listed)."""
+
+
+def packaged_configs_dir() -> Path:
+    """The configs shipped with fdfast: ``fdfast/configs`` in an installed wheel, ``configs/`` beside the
+    package in a source checkout (the wheel maps that folder into the package)."""
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package / "configs", package.parent / "configs"):
+        if candidate.is_dir():
+            return candidate
+    raise ConfigError(f"fdfast's configs are missing from this installation (looked in {package / 'configs'} "
+                      f"and {package.parent / 'configs'}): reinstall fdfast, or pass --config a YAML file")
+
+
+def _config_key(path: Path, root: Path) -> tuple:
+    rel = path.relative_to(root)
+    group = rel.parts[0] if len(rel.parts) > 1 else ""
+    return (CONFIG_GROUPS.index(group) if group in CONFIG_GROUPS else len(CONFIG_GROUPS), rel.as_posix())
+
+
+def _shipped_configs(root: Path) -> list[Path]:
+    """Runnable shipped configs (``_*.yaml`` are only ``base:`` includes), pretrain first."""
+    return sorted((p for p in root.rglob("*.yaml") if not p.name.startswith("_")),
+                  key=lambda p: _config_key(p, root))
+
+
+def list_configs() -> list[tuple[str, str]]:
+    """``(name, description)`` of every shipped config; the name is the file's stem when that is
+    unique, else its path under the configs folder without ``.yaml`` (``pretrain/demo_cpu``)."""
+    root = packaged_configs_dir()
+    paths = _shipped_configs(root)
+    stems = [p.stem for p in paths]
+    out = []
+    for p in paths:
+        name = p.stem if stems.count(p.stem) == 1 else p.relative_to(root).with_suffix("").as_posix()
+        out.append((name, _first_sentence(p)))
+    return out
+
+
+def _first_sentence(path: Path) -> str:
+    """The first sentence of the comment block a config file starts with (its one-line description)."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    text = " ".join(lines)
+    end = re.search(r"\.(\s|$)", text)
+    return text[:end.start() + 1] if end else text
+
+
+def resolve_config(name: str | Path) -> Path:
+    """The YAML file meant by ``--config NAME``, in this order: an existing file; ``NAME`` or
+    ``NAME.yaml`` under the shipped configs (a leading ``configs/`` is allowed, so the documented
+    ``configs/pretrain/x.yaml`` works outside the repository too); a bare ``NAME`` searched in
+    pretrain/ then finetune/, where a name found in both is an error listing both."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    root = packaged_configs_dir()
+    rel = Path(*path.parts[1:]) if path.parts[:1] == ("configs",) and len(path.parts) > 1 else path
+    if not rel.is_absolute():
+        for candidate in (root / rel, root / f"{rel}.yaml"):
+            if candidate.is_file():
+                return candidate
+    if len(path.parts) == 1:
+        stem = path.name.removesuffix(".yaml")
+        found = [p for p in _shipped_configs(root) if p.stem == stem]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            names = ", ".join(p.relative_to(root).with_suffix("").as_posix() for p in found)
+            raise ConfigError(f"config name {str(name)!r} is ambiguous: it is each of {names}; pass one of those")
+    close = difflib.get_close_matches(str(name), [n for n, _ in list_configs()], n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"config {str(name)!r} is neither a file nor the name of a shipped config{hint}; "
+                      "`fdfast-train --list-configs` lists the names")
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse ``a.b.c=value``; the value is read as YAML (numbers, true/false, lists, null)."""
     if "=" not in text:
@@ -184,8 +269,8 @@ def config_from_dict(data: dict) -> FDConfig:
 
 
 def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> FDConfig:
-    """Defaults <- YAML file (with `base:` includes) <- dotted overrides; validated."""
-    data: dict = _read_yaml(Path(path)) if path else {}
+    """Defaults <- YAML file or shipped config name (with `base:` includes) <- dotted overrides; validated."""
+    data: dict = _read_yaml(resolve_config(path)) if path else {}
     for ov in overrides:
         keys, value = parse_override(ov)
         _set_path(data, keys, value)

@@ -125,6 +125,16 @@ class LogConfig:
     """Read metrics from the device (a host sync) every N optimizer steps."""
     progress: Literal["auto", "rich", "plain", "none"] = "auto"
     """Progress display on rank 0: rich bar on a terminal, plain lines otherwise."""
+    tensorboard: bool = True
+    """Write every numeric metric as a TensorBoard scalar under <output_dir>/tensorboard."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs the wandb package); the run is named after output_dir."""
+    wandb_project: str = "fdfast"
+    """W&B project of the run (the entity comes from W&B's own settings, e.g. WANDB_ENTITY)."""
+    wandb_mode: Literal["online", "offline"] = "online"
+    """offline: write the W&B run under <output_dir>/wandb only, for `wandb sync` later (no network)."""
 
     def __post_init__(self) -> None:
         need(self.every >= 1, f"log.every must be >= 1, got {self.every}")
+        need(not self.wandb or bool(self.wandb_project.strip()),
+             "log.wandb_project is empty: name the W&B project, or set log.wandb=false")

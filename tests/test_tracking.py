@@ -1,0 +1,147 @@
+"""Tracker: metrics.jsonl + TensorBoard scalars (+ W&B), rank 0 only; peak memory; run environment."""
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fdfast import tracking
+from fdfast.config import ConfigError, LogConfig, load_config
+from fdfast.errors import MissingDependency, UserError
+from fdfast.tracking import Tracker, device_peak_memory_gib, run_environment
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = {"step": 10, "epoch": 0.5, "loss": 0.25, "lr_groups": [1e-4, 2e-4], "img_per_s_per_device": 80.0,
+         "wall_time": 1795900000.5, "peak_mem_gib": None}
+EVAL = {"step": 10, "epoch": 1, "kind": "eval", "top1": 61.5, "top5": 90.0}
+
+
+def scalars_in(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_records_go_to_jsonl_and_tensorboard_by_kind(tmp_path):
+    with Tracker(LogConfig(), tmp_path / "run") as tracker:
+        tracker.log(TRAIN)
+        tracker.log(EVAL)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [TRAIN, EVAL]
+    tb = scalars_in(tmp_path / "run" / "tensorboard")
+    assert set(tb) == {"train/epoch", "train/loss", "train/lr_groups/0", "train/lr_groups/1",
+                       "train/img_per_s_per_device", "eval/epoch", "eval/top1", "eval/top5"}
+    assert tb["train/loss"] == [(10, 0.25)] and tb["eval/top1"] == [(10, 61.5)]
+    assert tb["train/lr_groups/1"][0][1] == pytest.approx(2e-4)
+
+
+def test_only_rank_zero_writes(tmp_path):
+    tracker = Tracker(LogConfig(wandb=True), tmp_path / "run", rank=1)  # no wandb import on other ranks either
+    tracker.log(TRAIN)
+    tracker.close()
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_resumed_run_replaces_the_steps_after_its_checkpoint(tmp_path):
+    with Tracker(LogConfig(), tmp_path) as first:
+        for step in range(1, 5):
+            first.log({"step": step, "loss": float(step)})
+    # killed after step 4; the checkpoint was at step 2, so steps 3 and 4 are trained and logged again
+    with Tracker(LogConfig(), tmp_path, resume_step=2) as again:
+        for step in (3, 4):
+            again.log({"step": step, "loss": 10.0 + step})
+    assert scalars_in(tmp_path / "tensorboard")["train/loss"] == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]
+
+
+def test_without_tensorboard_one_warning_and_jsonl_still_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # makes its import fail
+    with Tracker(LogConfig(), tmp_path) as tracker:
+        tracker.log(TRAIN)
+        tracker.log(EVAL)
+    out = capsys.readouterr().out
+    assert out.count("warning") == 1 and "log.tensorboard=false" in out
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    assert not (tmp_path / "tensorboard").exists()
+    with Tracker(LogConfig(tensorboard=False), tmp_path / "off") as quiet:
+        quiet.log(TRAIN)
+    assert capsys.readouterr().out == ""
+
+
+def test_missing_wandb_is_a_user_error_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(MissingDependency, match=r"pip install 'fdfast\[wandb\]'.*log\.wandb=false") as err:
+        Tracker(LogConfig(wandb=True), tmp_path / "run")
+    assert isinstance(err.value, UserError)
+    assert not (tmp_path / "run").exists()
+
+
+class FakeWandb(types.ModuleType):
+    """Records what the tracker asks of wandb (the package is optional and would need an account)."""
+
+    def __init__(self):
+        super().__init__("wandb")
+        self.inits, self.logged, self.finished = [], [], 0
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        return types.SimpleNamespace(log=lambda data, step: self.logged.append((step, data)),
+                                     finish=self._finish)
+
+    def _finish(self):
+        self.finished += 1
+
+
+def test_wandb_gets_the_same_scalars_and_a_rerun_continues_the_same_run(tmp_path, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = LogConfig(wandb=True, wandb_project="fd-test", wandb_mode="offline", tensorboard=False)
+    out = tmp_path / "fd_clip_b16"
+    with Tracker(cfg, out, config={"train": {"epochs": 3}}) as tracker:
+        tracker.log(TRAIN)
+        tracker.log(EVAL)
+    first = fake.inits[0]
+    assert (first["project"], first["name"], first["mode"], first["dir"]) == ("fd-test", "fd_clip_b16", "offline", str(out))
+    assert first["config"] == {"train": {"epochs": 3}} and first["resume"] == "allow"
+    assert fake.logged[0] == (10, tracking.scalars(TRAIN)) and fake.logged[1] == (10, {
+        "eval/epoch": 1.0, "eval/top1": 61.5, "eval/top5": 90.0})
+    assert fake.finished == 1
+    Tracker(cfg, out).close()
+    assert fake.inits[1]["id"] == first["id"] and fake.finished == 2
+
+
+def test_log_section_checks_its_wandb_keys():
+    with pytest.raises(ConfigError, match=r"log\.wandb_mode: 'ofline'.*did you mean 'offline'"):
+        load_config(None, ["log.wandb_mode=ofline"])
+    with pytest.raises(ConfigError, match=r"log\.wandb_project is empty"):
+        load_config(None, ["log.wandb=true", "log.wandb_project="])
+    assert load_config(None, []).log.tensorboard is True and load_config(None, []).log.wandb is False
+
+
+def test_peak_memory_is_none_on_cpu_and_gib_on_cuda(monkeypatch):
+    assert device_peak_memory_gib("cpu") is None
+    resets = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: resets.append(device))
+    assert device_peak_memory_gib(torch.device("cuda", 1)) == 3.0 and resets == []
+    assert device_peak_memory_gib("cuda:1", reset=True) == 3.0 and resets == [torch.device("cuda", 1)]
+
+
+def test_run_environment_names_the_commit_and_versions(monkeypatch):
+    env = run_environment()
+    assert env["torch"] == torch.__version__ and env["timm"] == timm.__version__
+    assert set(env) == {"git_commit", "python", "torch", "cuda", "timm", "torchvision", "dali", "ffcv"}
+    if (ROOT / ".git").exists():
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        assert env["git_commit"] == head
+    json.dumps(env)  # goes into summary.json as is
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+    monkeypatch.setattr(tracking.subprocess, "run", no_git)
+    assert run_environment()["git_commit"] is None
