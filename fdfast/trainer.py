@@ -32,6 +32,7 @@ from .distributed import DistInfo, all_reduce_mean, any_rank, broadcast_object, 
 from .errors import UserError
 from .guard import RunLock, StopRequest
 from .logging import Progress, append_jsonl, log
+from .tracking import Tracker, device_peak_memory_gib, run_environment
 from .optim import Schedule, build_optimizer
 from .resume import archive_config, check_config_drift, choose_checkpoint, map_position
 from .step import TrainStep, resolve_precision
@@ -233,6 +234,7 @@ class Trainer:
         cfg, info, tr = self.cfg, self.info, self.cfg.train
         latest = self.resume()
         self.write_config()
+        self.tracker = Tracker(cfg.log, self.out, rank=info.rank, resume_step=self.step, config=to_dict(cfg))
         resumed_at = self.step
         spe, last_step = self.steps_per_epoch, self.last_step
         if info.is_main:
@@ -243,7 +245,7 @@ class Trainer:
         skipped = torch.zeros((), dtype=torch.int64, device=info.device)
         last_loss = float("nan")
         window_t0, window_steps, data_wait = time.perf_counter(), 0, 0.0
-        t_start = time.perf_counter()
+        t_start, train_seconds = time.perf_counter(), 0.0
         # acted on where the loop already waits for the device (single process: every step, for free)
         signal_every = 1 if info.world_size == 1 else min(cfg.log.every, 10)
 
@@ -282,11 +284,11 @@ class Trainer:
                                "grad_norm": float(out_t["grad_norm"]), "lr": lrs[-1], "lr_groups": list(lrs),
                                "img_per_s_per_device": window_steps * tr.batch_size * tr.accum_steps / dt,
                                "data_wait": data_wait / dt, "skipped_steps": int(skipped), "time": now - t_start,
-                               "wall_time": time.time()}
+                               "wall_time": time.time(), "peak_mem_gib": device_peak_memory_gib(info.device)}
                         last_loss = rec["loss"]
-                        if info.is_main:
-                            append_jsonl(self.metrics_path, rec)
+                        self.tracker.log(rec)
                         progress.update(self.step, rec)
+                        train_seconds += dt
                         window_t0, window_steps, data_wait = now, 0, 0.0
                     if self.step % signal_every == 0 and any_rank(stop.requested) and self.step != last_step:
                         check_finite(self.step)
@@ -304,8 +306,13 @@ class Trainer:
                 self.save()
         finally:
             progress.close()
+            self.tracker.close()
+        images = (self.step - resumed_at) * tr.batch_size * tr.accum_steps
         summary = {"step": self.step, "loss": last_loss, "best": self.best, "output_dir": str(self.out),
-                   "skipped_steps": int(skipped), "seconds": time.perf_counter() - t_start}
+                   "skipped_steps": int(skipped), "seconds": time.perf_counter() - t_start,
+                   "img_per_s_per_device_mean": images / train_seconds if train_seconds > 0 else None,
+                   "teacher_sha256": getattr(getattr(self.task, "teacher", None), "sha256", None),
+                   "environment": run_environment()}
         if info.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
@@ -328,8 +335,8 @@ class Trainer:
                                                  "epoch": ep, "best": self.best, "config": to_dict(self.cfg)},
                                       config=to_dict(self.cfg))
                 log(f"best top-1 so far: {res['top1']:.2f}% at epoch {ep}, weights in {path}")
+        self.tracker.log(res)
         if self.info.is_main:
-            append_jsonl(self.metrics_path, res)
             log(f"eval epoch {ep}: " + ", ".join(f"{k}={v:.4f}" for k, v in res.items() if isinstance(v, float)))
 
 

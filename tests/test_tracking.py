@@ -145,3 +145,19 @@ def test_run_environment_names_the_commit_and_versions(monkeypatch):
         raise FileNotFoundError("git")
     monkeypatch.setattr(tracking.subprocess, "run", no_git)
     assert run_environment()["git_commit"] is None
+
+
+def test_a_training_run_records_every_group_lr_time_memory_and_its_environment(tiny_cfg, tmp_path):
+    from fdfast.trainer import train
+    out = tmp_path / "run"
+    summary = train(tiny_cfg(train={"output_dir": str(out), "max_steps": 3}, optim={"layer_decay": 1.0}))
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    for r in recs:
+        assert len(r["lr_groups"]) == 2 and r["lr"] == r["lr_groups"][-1]  # decay and no-decay groups
+        assert r["wall_time"] > 1.7e9 and "peak_mem_gib" in r and r["peak_mem_gib"] is None  # CPU
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["img_per_s_per_device_mean"] > 0 and saved == json.loads(json.dumps(summary))
+    env = saved["environment"]
+    assert env["torch"] == torch.__version__.split("+")[0] or env["torch"] == torch.__version__
+    assert any((out / "tensorboard").rglob("events.out.tfevents.*"))
