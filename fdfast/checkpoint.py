@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import distributed as dist_utils
+from .interop.reading import load_torch_file
 
 FORMAT = "fdfast-train"
 VERSION = 1
@@ -184,13 +185,11 @@ def load_checkpoint(path: str | os.PathLike, rank: int = 0, map_location: Any = 
         state_file, folder = path, path.parent
     else:
         state_file, folder = path / "state.pt", path
-    try:
-        state = torch.load(state_file, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise RuntimeError(f"cannot read checkpoint {state_file}: {e}") from e
+    # the load policy: a file that pickles anything but tensors and plain values is refused (a UserError)
+    state = load_torch_file(state_file, map_location=map_location, opt_in=None)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise RuntimeError(f"{state_file} is not an fdfast training checkpoint (format={state.get('format')!r})"
                            if isinstance(state, dict) else f"{state_file} is not an fdfast training checkpoint")
     rng_file = folder / f"rng_rank{rank}.pt"
-    rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.exists() else None
+    rng = load_torch_file(rng_file, opt_in=None) if rng_file.exists() else None
     return state, rng

@@ -13,9 +13,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fdfast.checkpoint import save_checkpoint
 from fdfast.cli.export import main
-from fdfast.config import config_from_dict, to_dict
-from fdfast import interop as I
+from fdfast.config import StudentConfig, config_from_dict, to_dict
+from fdfast.interop import loading as L
+from fdfast.models.student import build_student
 
 BEIT = dict(arch="beit", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 SWIN = dict(arch="swinv2", img_size=32, patch_size=2, embed_dim=16, depth=[2, 2], num_heads=[2, 4], window_size=4)
@@ -34,26 +36,31 @@ def images(n=2, size=32):
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(7))
 
 
+def build(fields, num_classes=0, finetune=False):
+    """The trainer's student for a ``model.student`` section, with timm's init."""
+    cfg = StudentConfig(**fields, drop_path=0.0, num_classes=num_classes)
+    return build_student(cfg, finetune=finetune or fields["arch"] == "swinv2", fd_init=False)
+
+
 def write_fdfast_checkpoint(run: Path, student: nn.Module, projector, fields: dict, *, task="distill",
                             num_classes=0, step=20) -> Path:
-    """A checkpoint as fdfast-train writes it, with the config resolved through fdfast.config."""
+    """A checkpoint as fdfast-train writes it: state['model'] is the DistillModel state (encoder.* + decoder.*)
+    when distilling, the bare student when fine-tuning; the config is resolved through fdfast.config."""
     teacher = {"kind": "esvit"} if fields["arch"] == "swinv2" else {}
     cfg = config_from_dict({"model": {"student": {**fields, "num_classes": num_classes}, "teacher": teacher},
                             "data": {"num_classes": num_classes or 1000}, "train": {"task": task}})
-    folder = run / "checkpoints" / f"step_{step:08d}"
-    folder.mkdir(parents=True)
-    state = {"format": "fdfast-train", "version": 1, "student": student.state_dict(),
-             "projector": projector.state_dict() if projector is not None else None,
-             "optimizer": {"state": {}, "param_groups": []}, "step": step, "config": to_dict(cfg)}
-    if projector is None:
-        del state["projector"]
-    torch.save(state, folder / "state.pt")
-    return folder
+    model = student.state_dict()
+    if task == "distill":
+        model = {f"encoder.{k}": v for k, v in model.items()}
+        if projector is not None:
+            model.update({f"decoder.{k}": v for k, v in projector.state_dict().items()})
+    state = {"model": model, "optimizer": {"state": {}, "param_groups": []}, "step": step, "config": to_dict(cfg)}
+    return save_checkpoint(run, step, state)
 
 
 @pytest.fixture
 def vit_run(tmp_path):
-    student = perturbed(I.build_timm_student_from_fields(BEIT))
+    student = perturbed(build(BEIT))
     projector = nn.Linear(32, 48)
     folder = write_fdfast_checkpoint(tmp_path / "run", student, projector, BEIT)
     return folder, student, projector
@@ -95,15 +102,15 @@ def test_official_export_of_a_distilled_vit(vit_run, tmp_path):
     obj = torch.load(out, weights_only=True)  # plain data: no yacs needed by anyone
     assert torch.equal(obj["model"]["decoder.0.weight"], projector.weight.unsqueeze(-1))
     assert obj["fdfast"]["step"] == 20 and obj["fdfast"]["student"]["embed_dim"] == 32
-    again = perturbed(I.build_timm_student_from_fields(BEIT), seed=3)
-    I.load_student_weights(again, out, expected_missing=())
+    again = perturbed(build(BEIT), seed=3)
+    L.load_student_weights(again, out, expected_missing=())
     x = images()
     assert torch.equal(again.forward_features(x), student.forward_features(x))
 
 
 @torch.no_grad()
 def test_swin_exports_both_formats(tmp_path):
-    student = perturbed(I.build_timm_student_from_fields(SWIN))
+    student = perturbed(build(SWIN))
     folder = write_fdfast_checkpoint(tmp_path / "run", student, nn.Linear(32, 64), SWIN)
     assert main([str(folder), "--format", "official", "--out", str(tmp_path / "s.pth"), "-q"]) == 0
     assert main([str(folder), "--format", "timm", "--out", str(tmp_path / "s_timm"), "-q"]) == 0
@@ -111,8 +118,8 @@ def test_swin_exports_both_formats(tmp_path):
     assert "encoder.layers.0.downsample.reduction.weight" in raw and raw["decoder.0.weight"].shape == (64, 32, 1)
     x = images()
     want = student.forward_features(x)
-    fresh = perturbed(I.build_timm_student_from_fields(SWIN), seed=1)
-    I.load_student_weights(fresh, tmp_path / "s.pth", expected_missing=())
+    fresh = perturbed(build(SWIN), seed=1)
+    L.load_student_weights(fresh, tmp_path / "s.pth", expected_missing=())
     assert torch.equal(fresh.forward_features(x), want)
     model = timm.create_model(f"local-dir:{tmp_path / 's_timm'}", pretrained=True).eval()
     assert torch.equal(model.forward_features(x), want)
@@ -122,7 +129,7 @@ def test_swin_exports_both_formats(tmp_path):
 @torch.no_grad()
 def test_finetuned_checkpoint_exports_to_timm_only(tmp_path, capsys):
     fields = dict(BEIT)
-    ft = perturbed(I.build_timm_student_from_fields(fields, num_classes=5, finetune=True))
+    ft = perturbed(build(fields, num_classes=5, finetune=True))
     folder = write_fdfast_checkpoint(tmp_path / "run", ft, None, fields, task="finetune", num_classes=5)
     out = tmp_path / "ft.safetensors"
     assert main([str(folder), "--format", "timm", "--out", str(out), "--model-name", "beit_base_patch16_224"]) == 0
@@ -131,35 +138,35 @@ def test_finetuned_checkpoint_exports_to_timm_only(tmp_path, capsys):
     x = images()
     assert torch.equal(model(x), ft(x))
 
-    assert main([str(folder), "--format", "official", "--out", str(tmp_path / "o.pth")]) == 1
+    assert main([str(folder), "--format", "official", "--out", str(tmp_path / "o.pth")]) == 2
     err = capsys.readouterr().err
     assert "fine-tuned student" in err and "--format timm" in err and "Traceback" not in err
     assert not (tmp_path / "o.pth").exists()
 
 
-def test_bad_inputs_exit_non_zero_with_a_message(tmp_path, capsys):
+def test_bad_inputs_exit_2_with_a_message(tmp_path, capsys):
     missing = tmp_path / "nope"
-    assert main([str(missing), "--format", "timm", "--out", str(tmp_path / "o")]) == 1
+    assert main([str(missing), "--format", "timm", "--out", str(tmp_path / "o")]) == 2
     assert f"{missing}: no such file" in capsys.readouterr().err
 
     plain = tmp_path / "plain.pth"
-    torch.save(I.build_timm_student_from_fields(BEIT).state_dict(), plain)
-    assert main([str(plain), "--format", "timm", "--out", str(tmp_path / "o")]) == 1
+    torch.save(build(BEIT).state_dict(), plain)
+    assert main([str(plain), "--format", "timm", "--out", str(tmp_path / "o")]) == 2
     assert "not an fdfast training checkpoint" in capsys.readouterr().err
 
     # a config without the architecture fields cannot rebuild the student
     folder = tmp_path / "step_00000001"
     folder.mkdir()
-    torch.save({"format": "fdfast-train", "version": 1, "student": {"cls_token": torch.zeros(1, 1, 32)},
+    torch.save({"format": "fdfast-train", "version": 1, "model": {"encoder.cls_token": torch.zeros(1, 1, 32)},
                 "config": {"model": {"student": {"arch": "beit", "img_size": 32}}}}, folder / "state.pt")
-    assert main([str(folder), "--format", "timm", "--out", str(tmp_path / "o")]) == 1
+    assert main([str(folder), "--format", "timm", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "model.student.patch_size" in err and "model.student.num_heads" in err
 
     # weights that do not match the config's architecture
-    student = I.build_timm_student_from_fields({**BEIT, "embed_dim": 48, "num_heads": 3})
+    student = build({**BEIT, "embed_dim": 48, "num_heads": 3})
     folder = write_fdfast_checkpoint(tmp_path / "run2", student, nn.Linear(48, 8), BEIT)
-    assert main([str(folder), "--format", "official", "--out", str(tmp_path / "o.pth")]) == 1
+    assert main([str(folder), "--format", "official", "--out", str(tmp_path / "o.pth")]) == 2
     err = capsys.readouterr().err
     assert "patch_embed.proj.weight: file (48, 3, 8, 8) vs model (32, 3, 8, 8)" in err
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.pth").exists()
@@ -173,4 +180,4 @@ def test_module_entry_point_runs_without_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run([sys.executable, "-m", "fdfast.cli.export", str(tmp_path / "missing"), "--format", "timm",
                         "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert r.returncode == 1 and "fdfast-export: error:" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "fdfast-export: error:" in r.stderr and "Traceback" not in r.stderr
