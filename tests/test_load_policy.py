@@ -115,6 +115,34 @@ def test_torchscript_reader_equals_jit_state_dict(tmp_path):
     assert load_torch_file(path).keys() == ours.keys()  # the policy dispatches archives to this reader
 
 
+class ScriptedWithLists(torch.nn.Module):
+    """Scripted (not traced): list and dict attributes make TorchScript pickle its type-tag helpers."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 2)
+        self.register_buffer("scale", torch.arange(2.0))
+        self.sizes: list[int] = [1, 2, 3]
+        self.weights: list[float] = [0.5]
+        self.names: dict[str, int] = {"a": 1}
+
+    def forward(self, x):
+        return self.proj(x) * self.scale * self.sizes[0] * self.weights[0] * self.names["a"]
+
+
+def test_torchscript_reader_reads_scripted_modules_with_list_attributes(tmp_path):
+    path = tmp_path / "scripted.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(ScriptedWithLists()), str(path))
+        ref = torch.jit.load(str(path)).state_dict()
+    with zipfile.ZipFile(path) as zf:  # the case this test is about
+        assert b"restore_type_tag" in zf.read("scripted/data.pkl")
+    ours = read_torchscript_state_dict(path)
+    assert list(ours) == list(ref) and set(ref) == {"scale", "proj.weight", "proj.bias"}
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
 def _archive_with_data_pkl(src: Path, dst: Path, data_pkl: bytes) -> Path:
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
         for info in zin.infolist():

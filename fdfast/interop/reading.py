@@ -10,9 +10,10 @@ warning says that code stored in the file runs. Nothing falls back silently.
 
 OpenAI's CLIP ``.pt`` files are TorchScript archives, and ``torch.jit.load`` runs the ``__setstate__``
 methods stored in them. :func:`read_torchscript_state_dict` instead unpickles the archive's ``data.pkl``
-with an unpickler that knows exactly four kinds of globals (TorchScript classes, rebuilt as inert attribute
-holders; storage types; the tensor rebuild function; ``OrderedDict``) and collects the tensors, so no code
-from the file runs. Traced archives such as OpenAI's keep only parameters and buffers as tensor attributes
+with an unpickler that knows only the globals TorchScript's own pickler writes for data (TorchScript
+classes, rebuilt as inert attribute holders; storage types; the tensor rebuild function; ``OrderedDict``;
+the list / type-tag helpers of ``torch.jit._pickle``, which return their argument) and collects the
+tensors, so no code from the file runs. Traced archives such as OpenAI's keep only parameters and buffers as tensor attributes
 (plain tensors become constants), so the result equals ``torch.jit.load(path).state_dict()``.
 """
 from __future__ import annotations
@@ -235,6 +236,15 @@ def _rebuild_tensor(storage: _Storage, offset: int, size: tuple, stride: tuple, 
     return torch.empty(0, dtype=storage.dtype).set_(storage.data, int(offset), tuple(size), tuple(stride))
 
 
+def _as_is(value: Any, type_tag: Any = None) -> Any:
+    """``torch.jit._pickle``'s ``build_*list`` / ``restore_type_tag``: the plain value (the tag only matters
+    to TorchScript's static types)."""
+    return value
+
+
+_JIT_PICKLE_HELPERS = ("build_intlist", "build_doublelist", "build_boollist", "build_tensorlist", "restore_type_tag")
+
+
 class _ScriptUnpickler(pickle.Unpickler):
     def __init__(self, zf: zipfile.ZipFile, prefix: str):
         super().__init__(io.BytesIO(zf.read(prefix + "data.pkl")))
@@ -252,6 +262,8 @@ class _ScriptUnpickler(pickle.Unpickler):
             return _rebuild_tensor
         if (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
+        if module == "torch.jit._pickle" and name in _JIT_PICKLE_HELPERS:
+            return _as_is
         self.refused.append(f"{module}.{name}")
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
 
