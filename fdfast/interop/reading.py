@@ -153,7 +153,7 @@ def load_torch_file(path: str | os.PathLike, *, trust_pickle: bool = False, map_
     A TorchScript archive comes back as its state dict (:func:`read_torchscript_state_dict`). ``mmap``
     memory-maps zip files, so unused parts (a training checkpoint's optimizer) are never read. ``opt_in`` is
     the config key that allows an unsafe load, named in the refusal; ``None`` for files where no switch
-    applies (fdfast's own checkpoints), and then ``trust_pickle`` must stay False. Raises
+    applies (fdfast's own checkpoints), which are refused whatever ``trust_pickle`` says. Raises
     :class:`UnsafePickleError` for a refused file and :class:`CheckpointReadError` for an unreadable one.
     """
     path = Path(path)
