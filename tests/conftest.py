@@ -13,11 +13,13 @@ from pipelines.generate import make_image_folder
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-@pytest.fixture(autouse=True)
-def _test_cache_dir(tmp_path_factory, monkeypatch):
-    """Files fdfast caches (teacher file hashes) go to the session's temporary folder, not the user's cache;
-    subprocesses inherit it through the environment."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg_cache"))
+@pytest.fixture(autouse=True, scope="session")
+def _test_cache_dir(tmp_path_factory):
+    """Files fdfast caches (teacher file hashes) go to the session's temporary folder, not the user's cache,
+    from before the first module-scoped fixture builds a teacher; subprocesses inherit it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg_cache"))
+        yield
 
 
 def tiny_dict(tmp_path, **sections) -> dict:
