@@ -36,6 +36,7 @@ import torch
 
 from . import distributed as dist_utils
 from .errors import UserError
+from .interop.reading import load_torch_file
 
 FORMAT = "fdfast-train"
 VERSION = 2
@@ -332,11 +333,12 @@ def load_checkpoint(path: str | os.PathLike, rank: int = 0, map_location: Any = 
     path = Path(path)
     state_file, folder = (path, path.parent) if path.is_file() else (path / "state.pt", path)
     try:
-        state = torch.load(state_file, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise CheckpointLoadError(f"cannot read checkpoint {state_file}: {str(e).strip().splitlines()[0]}") from None
+        # the load policy: a file that pickles anything but tensors and plain values is refused
+        state = load_torch_file(state_file, map_location=map_location, opt_in=None)
+    except UserError as e:
+        raise CheckpointLoadError(f"cannot read checkpoint {state_file}: {e}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointLoadError(f"{state_file} is not an fdfast training checkpoint")
     rng_file = folder / f"rng_rank{rank}.pt"
-    rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.exists() else None
+    rng = load_torch_file(rng_file, opt_in=None) if rng_file.exists() else None
     return state, rng

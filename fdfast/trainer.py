@@ -182,6 +182,11 @@ class Trainer:
                         break
                     except ckpt.CheckpointLoadError as e:
                         self._warn(path, str(e))
+                if chosen is None and self.cfg.train.resume is not False and ckpt.list_checkpoints(self.out):
+                    raise ckpt.CheckpointLoadError(
+                        f"{ckpt.ckpt_root(self.out)} holds checkpoints but none can be used (see the warnings "
+                        "above); fdfast does not silently start again from step 0: move them away, or set "
+                        "train.resume=false to start fresh")
                 if chosen is not None:
                     check_config_drift(state.get("config"), to_dict(self.cfg), allow=self.allow_config_change,
                                        where=chosen, log=log)

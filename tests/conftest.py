@@ -13,6 +13,15 @@ from pipelines.generate import make_image_folder
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _test_cache_dir(tmp_path_factory):
+    """Files fdfast caches (teacher file hashes) go to the session's temporary folder, not the user's cache,
+    from before the first module-scoped fixture builds a teacher; subprocesses inherit it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg_cache"))
+        yield
+
+
 def tiny_dict(tmp_path, **sections) -> dict:
     """A distillation config small enough for CPU tests: 17 tokens on both sides."""
     d = {

@@ -12,10 +12,17 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
+from fdfast.checkpoint import save_checkpoint
 from fdfast.cli.export import main
-from fdfast.config import config_from_dict, to_dict
-from fdfast import interop as I
+from fdfast.config import StudentConfig, config_from_dict, to_dict
+from fdfast.constants import CLIP_MEAN, CLIP_STD
+from fdfast.interop import loading as L
+from fdfast.models.student import build_student
+from fdfast.objective import normalize
+from pipelines.base import LoaderSpec
+from pipelines.torchvision import build_transform
 
 BEIT = dict(arch="beit", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 SWIN = dict(arch="swinv2", img_size=32, patch_size=2, embed_dim=16, depth=[2, 2], num_heads=[2, 4], window_size=4)
@@ -34,26 +41,32 @@ def images(n=2, size=32):
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(7))
 
 
+def build(fields, num_classes=0, finetune=False):
+    """The trainer's student for a ``model.student`` section, with timm's init."""
+    cfg = StudentConfig(**fields, drop_path=0.0, num_classes=num_classes)
+    return build_student(cfg, finetune=finetune or fields["arch"] == "swinv2", fd_init=False)
+
+
 def write_fdfast_checkpoint(run: Path, student: nn.Module, projector, fields: dict, *, task="distill",
-                            num_classes=0, step=20) -> Path:
-    """A checkpoint as fdfast-train writes it, with the config resolved through fdfast.config."""
+                            num_classes=0, step=20, data=None, train=None) -> Path:
+    """A checkpoint as fdfast-train writes it: state['model'] is the DistillModel state (encoder.* + decoder.*)
+    when distilling, the bare student when fine-tuning; the config is resolved through fdfast.config."""
     teacher = {"kind": "esvit"} if fields["arch"] == "swinv2" else {}
     cfg = config_from_dict({"model": {"student": {**fields, "num_classes": num_classes}, "teacher": teacher},
-                            "data": {"num_classes": num_classes or 1000}, "train": {"task": task}})
-    folder = run / "checkpoints" / f"step_{step:08d}"
-    folder.mkdir(parents=True)
-    state = {"format": "fdfast-train", "version": 1, "student": student.state_dict(),
-             "projector": projector.state_dict() if projector is not None else None,
-             "optimizer": {"state": {}, "param_groups": []}, "step": step, "config": to_dict(cfg)}
-    if projector is None:
-        del state["projector"]
-    torch.save(state, folder / "state.pt")
-    return folder
+                            "data": {"num_classes": num_classes or 1000, **(data or {})},
+                            "train": {"task": task, **(train or {})}})
+    model = student.state_dict()
+    if task == "distill":
+        model = {f"encoder.{k}": v for k, v in model.items()}
+        if projector is not None:
+            model.update({f"decoder.{k}": v for k, v in projector.state_dict().items()})
+    state = {"model": model, "optimizer": {"state": {}, "param_groups": []}, "step": step, "config": to_dict(cfg)}
+    return save_checkpoint(run, step, state)
 
 
 @pytest.fixture
 def vit_run(tmp_path):
-    student = perturbed(I.build_timm_student_from_fields(BEIT))
+    student = perturbed(build(BEIT))
     projector = nn.Linear(32, 48)
     folder = write_fdfast_checkpoint(tmp_path / "run", student, projector, BEIT)
     return folder, student, projector
@@ -95,15 +108,15 @@ def test_official_export_of_a_distilled_vit(vit_run, tmp_path):
     obj = torch.load(out, weights_only=True)  # plain data: no yacs needed by anyone
     assert torch.equal(obj["model"]["decoder.0.weight"], projector.weight.unsqueeze(-1))
     assert obj["fdfast"]["step"] == 20 and obj["fdfast"]["student"]["embed_dim"] == 32
-    again = perturbed(I.build_timm_student_from_fields(BEIT), seed=3)
-    I.load_student_weights(again, out, expected_missing=())
+    again = perturbed(build(BEIT), seed=3)
+    L.load_student_weights(again, out, expected_missing=())
     x = images()
     assert torch.equal(again.forward_features(x), student.forward_features(x))
 
 
 @torch.no_grad()
 def test_swin_exports_both_formats(tmp_path):
-    student = perturbed(I.build_timm_student_from_fields(SWIN))
+    student = perturbed(build(SWIN))
     folder = write_fdfast_checkpoint(tmp_path / "run", student, nn.Linear(32, 64), SWIN)
     assert main([str(folder), "--format", "official", "--out", str(tmp_path / "s.pth"), "-q"]) == 0
     assert main([str(folder), "--format", "timm", "--out", str(tmp_path / "s_timm"), "-q"]) == 0
@@ -111,8 +124,8 @@ def test_swin_exports_both_formats(tmp_path):
     assert "encoder.layers.0.downsample.reduction.weight" in raw and raw["decoder.0.weight"].shape == (64, 32, 1)
     x = images()
     want = student.forward_features(x)
-    fresh = perturbed(I.build_timm_student_from_fields(SWIN), seed=1)
-    I.load_student_weights(fresh, tmp_path / "s.pth", expected_missing=())
+    fresh = perturbed(build(SWIN), seed=1)
+    L.load_student_weights(fresh, tmp_path / "s.pth", expected_missing=())
     assert torch.equal(fresh.forward_features(x), want)
     model = timm.create_model(f"local-dir:{tmp_path / 's_timm'}", pretrained=True).eval()
     assert torch.equal(model.forward_features(x), want)
@@ -122,7 +135,7 @@ def test_swin_exports_both_formats(tmp_path):
 @torch.no_grad()
 def test_finetuned_checkpoint_exports_to_timm_only(tmp_path, capsys):
     fields = dict(BEIT)
-    ft = perturbed(I.build_timm_student_from_fields(fields, num_classes=5, finetune=True))
+    ft = perturbed(build(fields, num_classes=5, finetune=True))
     folder = write_fdfast_checkpoint(tmp_path / "run", ft, None, fields, task="finetune", num_classes=5)
     out = tmp_path / "ft.safetensors"
     assert main([str(folder), "--format", "timm", "--out", str(out), "--model-name", "beit_base_patch16_224"]) == 0
@@ -131,35 +144,35 @@ def test_finetuned_checkpoint_exports_to_timm_only(tmp_path, capsys):
     x = images()
     assert torch.equal(model(x), ft(x))
 
-    assert main([str(folder), "--format", "official", "--out", str(tmp_path / "o.pth")]) == 1
+    assert main([str(folder), "--format", "official", "--out", str(tmp_path / "o.pth")]) == 2
     err = capsys.readouterr().err
     assert "fine-tuned student" in err and "--format timm" in err and "Traceback" not in err
     assert not (tmp_path / "o.pth").exists()
 
 
-def test_bad_inputs_exit_non_zero_with_a_message(tmp_path, capsys):
+def test_bad_inputs_exit_2_with_a_message(tmp_path, capsys):
     missing = tmp_path / "nope"
-    assert main([str(missing), "--format", "timm", "--out", str(tmp_path / "o")]) == 1
+    assert main([str(missing), "--format", "timm", "--out", str(tmp_path / "o")]) == 2
     assert f"{missing}: no such file" in capsys.readouterr().err
 
     plain = tmp_path / "plain.pth"
-    torch.save(I.build_timm_student_from_fields(BEIT).state_dict(), plain)
-    assert main([str(plain), "--format", "timm", "--out", str(tmp_path / "o")]) == 1
+    torch.save(build(BEIT).state_dict(), plain)
+    assert main([str(plain), "--format", "timm", "--out", str(tmp_path / "o")]) == 2
     assert "not an fdfast training checkpoint" in capsys.readouterr().err
 
     # a config without the architecture fields cannot rebuild the student
     folder = tmp_path / "step_00000001"
     folder.mkdir()
-    torch.save({"format": "fdfast-train", "version": 1, "student": {"cls_token": torch.zeros(1, 1, 32)},
+    torch.save({"format": "fdfast-train", "version": 1, "model": {"encoder.cls_token": torch.zeros(1, 1, 32)},
                 "config": {"model": {"student": {"arch": "beit", "img_size": 32}}}}, folder / "state.pt")
-    assert main([str(folder), "--format", "timm", "--out", str(tmp_path / "o")]) == 1
+    assert main([str(folder), "--format", "timm", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "model.student.patch_size" in err and "model.student.num_heads" in err
 
     # weights that do not match the config's architecture
-    student = I.build_timm_student_from_fields({**BEIT, "embed_dim": 48, "num_heads": 3})
+    student = build({**BEIT, "embed_dim": 48, "num_heads": 3})
     folder = write_fdfast_checkpoint(tmp_path / "run2", student, nn.Linear(48, 8), BEIT)
-    assert main([str(folder), "--format", "official", "--out", str(tmp_path / "o.pth")]) == 1
+    assert main([str(folder), "--format", "official", "--out", str(tmp_path / "o.pth")]) == 2
     err = capsys.readouterr().err
     assert "patch_embed.proj.weight: file (48, 3, 8, 8) vs model (32, 3, 8, 8)" in err
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.pth").exists()
@@ -173,4 +186,85 @@ def test_module_entry_point_runs_without_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run([sys.executable, "-m", "fdfast.cli.export", str(tmp_path / "missing"), "--format", "timm",
                         "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert r.returncode == 1 and "fdfast-export: error:" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "fdfast-export: error:" in r.stderr and "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# timm alone reproduces the model and its eval preprocessing
+# ----------------------------------------------------------------------------------------------
+TIMM_ONLY = r"""
+import json, sys
+import timm, torch
+from PIL import Image
+
+folder, image, out, threads = sys.argv[1:5]
+torch.set_num_threads(int(threads))
+model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+config = timm.data.resolve_data_config(model=model)
+transform = timm.data.create_transform(**config)
+x = transform(Image.open(image).convert("RGB")).unsqueeze(0)
+with torch.no_grad():
+    logits = model(x)
+assert not any(m == "fdfast" or m.startswith("fdfast.") for m in sys.modules)
+torch.save({"x": x, "logits": logits, "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
+            "transform": repr(transform)}, out)
+"""
+
+
+@torch.no_grad()
+def test_timm_alone_gives_identical_logits_and_fdfasts_eval_preprocessing(tmp_path):
+    # a fine-tuned ViT at a non-default size (48 px) with a 7-class head, CLIP eval normalisation, and a
+    # resize (59) where 48 / 59 as crop_pct would make timm resize to 58
+    fields = {**BEIT, "img_size": 48}
+    ft = perturbed(build(fields, num_classes=7, finetune=True))
+    folder = write_fdfast_checkpoint(tmp_path / "run", ft, None, fields, task="finetune", num_classes=7,
+                                     data={"eval_resize": 59}, train={"eval_norm": "clip"})
+    out = tmp_path / "ft_timm"
+    assert main([str(folder), "--format", "timm", "--out", str(out), "-q"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_classes"] == 7 and cfg["model_args"]["img_size"] == 48
+    image = tmp_path / "photo.png"
+    g = torch.Generator().manual_seed(3)
+    Image.fromarray(torch.randint(0, 256, (70, 90, 3), generator=g, dtype=torch.uint8).numpy()).save(image)
+
+    result = tmp_path / "timm_result.pt"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # timm's process must not see fdfast
+    r = subprocess.run([sys.executable, "-c", TIMM_ONLY, str(out), str(image), str(result),
+                        str(torch.get_num_threads())], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    got = torch.load(result, weights_only=True)
+
+    spec = LoaderSpec(path="", train=False, batch_size=1, img_size=48, device=torch.device("cpu"),
+                      eval_resize=59)
+    pixels = build_transform(spec)(Image.open(image).convert("RGB")).unsqueeze(0)
+    ours = normalize(pixels, CLIP_MEAN, CLIP_STD)
+    torch.testing.assert_close(got["x"], ours, atol=2e-6, rtol=0)  # ToTensor + Normalize vs uint8 on the device
+    assert torch.equal(got["logits"], ft(got["x"])) and got["logits"].shape == (1, 7)
+
+    config = got["config"]
+    assert config["input_size"] == [3, 48, 48] and config["interpolation"] == "bicubic"
+    assert config["mean"] == list(CLIP_MEAN) and config["std"] == list(CLIP_STD)
+    assert config["crop_mode"] == "center" and abs(config["crop_pct"] - 48 / 59) < 1e-12
+    assert "Resize(size=59, interpolation=bicubic" in got["transform"] and "CenterCrop(size=(48, 48))" in got["transform"]
+
+
+@torch.no_grad()
+def test_checkpoint_of_an_earlier_version_still_exports(tmp_path):
+    """Configs written before the config sections moved: student depths/heads, compile and logging keys in
+    train, a removed data key. The export reads the student section through MOVED_KEYS."""
+    student = perturbed(build(SWIN))
+    folder = write_fdfast_checkpoint(tmp_path / "run", student, nn.Linear(32, 64), SWIN)
+    state = torch.load(folder / "state.pt", weights_only=True)
+    old = state["config"]
+    s = old["model"]["student"]
+    s["depths"], s["heads"] = s.pop("depth"), s.pop("num_heads")
+    old["train"]["compile"] = old.pop("compile")["enabled"]
+    old["train"]["log_every"] = old.pop("log")["every"]
+    old["data"]["generate_if_missing"] = False
+    torch.save(state, folder / "state.pt")
+    out = tmp_path / "old_timm"
+    assert main([str(folder / "state.pt"), "--format", "timm", "--out", str(out), "-q"]) == 0
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    x = images()
+    assert torch.equal(model.forward_features(x), student.forward_features(x))
+    assert json.loads((out / "config.json").read_text())["model_args"]["depths"] == SWIN["depth"]

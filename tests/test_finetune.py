@@ -344,7 +344,7 @@ def test_task_builds_from_an_official_layout_file(tmp_path):
     # strict: a missing encoder key is an error that names it (the official loader would ignore it)
     del model["encoder.blocks.1.mlp.fc1.weight"]
     torch.save({"model": model}, path)
-    from fdfast.interop import CheckpointKeyError
+    from fdfast.interop.conversion import CheckpointKeyError
     with pytest.raises(CheckpointKeyError, match=r"blocks\.1\.mlp\.fc1\.weight"):
         build_task(ft_cfg(tmp_path, model={"pretrained": str(path)}), CPU)
 

@@ -1,4 +1,4 @@
-"""fdfast.models.interop: reading every checkpoint layout, converting for fine-tuning, loud loading, export.
+"""fdfast.interop: reading every checkpoint layout, converting for fine-tuning, loud loading, export.
 
 Tiny timm models (Beit 32 px / patch 8 / width 32 / depth 2; SwinV2 32 px / patch 2 / width 16 / 2 stages /
 window 4) with every parameter perturbed, so zero-initialised parts (relative position tables, q/v biases)
@@ -21,7 +21,13 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fdfast import interop as I
+from fdfast import checkpoint as ckpt
+from fdfast.config import StudentConfig, config_from_dict, to_dict
+from fdfast.interop import conversion as C
+from fdfast.interop import export as E
+from fdfast.interop import loading as L
+from fdfast.interop import reading as R
+from fdfast.models.student import DistillModel, build_student, timm_kwargs
 
 BEIT = dict(arch="beit", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 SWIN = dict(arch="swinv2", img_size=32, patch_size=2, embed_dim=16, depth=[2, 2], num_heads=[2, 4], window_size=4)
@@ -35,12 +41,31 @@ def perturbed(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+def build(fields, num_classes=0, finetune=False):
+    """The trainer's student for a ``model.student`` section, with timm's init (SwinV2 has the same layout in
+    both stages, with a head when ``num_classes`` > 0)."""
+    cfg = StudentConfig(**fields, drop_path=0.0, num_classes=num_classes)
+    return build_student(cfg, finetune=finetune or fields["arch"] == "swinv2", fd_init=False)
+
+
+def kwargs(fields, num_classes=0, finetune=False):
+    return timm_kwargs(StudentConfig(**fields, drop_path=0.0, num_classes=num_classes), finetune=finetune)
+
+
+def save_distill_checkpoint(run: Path, step: int, model: DistillModel, fields=BEIT) -> Path:
+    """A distillation checkpoint as the trainer writes it: state['model'] = DistillModel.state_dict()."""
+    cfg = config_from_dict({"model": {"student": fields, "teacher": {"kind": "esvit"} if fields["arch"] == "swinv2"
+                                      else {}}})
+    return ckpt.save_checkpoint(run, step, {"model": model.state_dict(), "optimizer": {}, "step": step,
+                                            "config": to_dict(cfg)}, keep=3)
+
+
 def beit(seed=0, finetune=False, num_classes=0, **over):
-    return perturbed(I.build_timm_student_from_fields({**BEIT, **over}, num_classes, finetune), seed)
+    return perturbed(build({**BEIT, **over}, num_classes, finetune), seed)
 
 
 def swin(seed=0, num_classes=0, **over):
-    return perturbed(I.build_timm_student_from_fields({**SWIN, **over}, num_classes), seed)
+    return perturbed(build({**SWIN, **over}, num_classes), seed)
 
 
 def images(size=32, n=2):
@@ -57,14 +82,14 @@ def params(model):
 @torch.no_grad()
 def test_shared_rpb_to_per_block_keeps_the_network_output(tmp_path):
     distill = beit()
-    path = I.export_official(distill, nn.Linear(32, 48), tmp_path / "fd.pth")
+    path = E.export_official(distill, nn.Linear(32, 48), tmp_path / "fd.pth")
     ft = beit(seed=1, finetune=True, num_classes=5)
-    report = I.load_student_weights(ft, path)
+    report = L.load_student_weights(ft, path)
 
     shared = distill.rel_pos_bias.relative_position_bias_table
     for blk in ft.blocks:
         assert torch.equal(blk.attn.relative_position_bias_table, shared)
-    assert report.layout == I.LAYOUT_OFFICIAL
+    assert report.layout == L.LAYOUT_OFFICIAL
     assert sorted(report.missing) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
     assert {"norm.weight", "norm.bias", "rel_pos_bias.relative_position_bias_table"} <= set(report.dropped)
 
@@ -85,7 +110,7 @@ def test_grid_change_resizes_tables_keeping_the_cls_rows(tmp_path):
     distill = beit()
     src = distill.rel_pos_bias.relative_position_bias_table.clone()  # (2*4-1)^2 + 3 = 52 rows
     ft = beit(seed=1, finetune=True, num_classes=5, img_size=48)  # 6x6 patches
-    report = I.load_converted_state_dict(ft, distill.state_dict(), source="mem")
+    report = L.load_converted_state_dict(ft, distill.state_dict(), source="mem")
 
     assert report.resized == {"blocks.*.attn.relative_position_bias_table": ((52, 2), (11 * 11 + 3, 2))}
     for blk in ft.blocks:
@@ -106,7 +131,7 @@ def test_pos_embed_is_resampled_when_present():
     dst = timm.models.beit.Beit(img_size=48, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=0,
                                 use_abs_pos_emb=True, global_pool="")
     src.pos_embed.normal_()
-    report = I.load_converted_state_dict(dst, src.state_dict(), source="mem")
+    report = L.load_converted_state_dict(dst, src.state_dict(), source="mem")
     assert report.resized["pos_embed"] == ((1, 17, 32), (1, 37, 32))
     assert torch.equal(dst.pos_embed[:, 0], src.pos_embed[:, 0])  # CLS position is not interpolated
 
@@ -117,7 +142,7 @@ def test_pos_embed_is_resampled_when_present():
 @torch.no_grad()
 def test_official_vit_file_roundtrip(tmp_path):
     distill, proj = beit(), nn.Linear(32, 48)
-    path = I.export_official(distill, proj, tmp_path / "fd.pth")
+    path = E.export_official(distill, proj, tmp_path / "fd.pth")
     raw = torch.load(path, weights_only=True)["model"]
     assert all(k.startswith(("encoder.", "decoder.")) for k in raw)
     assert raw["decoder.0.weight"].shape == (48, 32, 1) and torch.equal(raw["decoder.0.weight"][..., 0], proj.weight)
@@ -126,10 +151,10 @@ def test_official_vit_file_roundtrip(tmp_path):
     idx = raw["encoder.rel_pos_bias.relative_position_index"]
     assert idx.shape == (17, 17) and idx[0, 0] == 51 and idx[0, 1] == 49 and idx[1, 0] == 50
 
-    sd, layout = I.read_student_state_dict(path)
-    assert layout == I.LAYOUT_OFFICIAL and "decoder.0.weight" not in sd and "norm.weight" in sd
+    sd, layout = L.read_student_state_dict(path)
+    assert layout == L.LAYOUT_OFFICIAL and "decoder.0.weight" not in sd and "norm.weight" in sd
     again = beit(seed=7)
-    report = I.load_student_weights(again, path, expected_missing=())
+    report = L.load_student_weights(again, path, expected_missing=())
     assert report.missing == []
     x = images()
     assert torch.equal(again.forward_features(x), distill.forward_features(x))
@@ -138,7 +163,7 @@ def test_official_vit_file_roundtrip(tmp_path):
 @torch.no_grad()
 def test_official_swin_layout_roundtrip(tmp_path):
     student, proj = swin(), nn.Linear(32, 64)
-    path = I.export_official(student, proj, tmp_path / "fd_swin.pth")
+    path = E.export_official(student, proj, tmp_path / "fd_swin.pth")
     raw = torch.load(path, weights_only=True)["model"]
     # official names: PatchMerging ends stage 0, rpe_mlp, no buffers
     assert "encoder.layers.0.downsample.reduction.weight" in raw
@@ -149,13 +174,13 @@ def test_official_swin_layout_roundtrip(tmp_path):
 
     # back through timm's own checkpoint_filter_fn (an independent check of the exporter's mapping)
     fresh = swin(seed=5)
-    report = I.load_student_weights(fresh, path, expected_missing=())
-    assert report.layout == I.LAYOUT_OFFICIAL and report.missing == []
+    report = L.load_student_weights(fresh, path, expected_missing=())
+    assert report.layout == L.LAYOUT_OFFICIAL and report.missing == []
     x = images()
     assert torch.equal(fresh.forward_features(x), student.forward_features(x))
     # and into the fine-tune model: only the new head starts fresh
     ft = swin(seed=6, num_classes=5)
-    assert sorted(I.load_student_weights(ft, path).missing) == ["head.fc.bias", "head.fc.weight"]
+    assert sorted(L.load_student_weights(ft, path).missing) == ["head.fc.bias", "head.fc.weight"]
     assert torch.equal(ft.forward_features(x), student.forward_features(x))
 
 
@@ -171,7 +196,7 @@ def test_shared_cpb_variant_is_copied_into_every_block():
                 del sd[f"layers.{s}.blocks.{b}.attn.rpe_mlp.{part}"]
     sd.update(shared)
     fresh = swin(seed=3)
-    I.load_converted_state_dict(fresh, sd, source="mem", expected_missing=())
+    L.load_converted_state_dict(fresh, sd, source="mem", expected_missing=())
     for s, stage in enumerate(fresh.layers):
         for blk in stage.blocks:
             assert torch.equal(blk.attn.cpb_mlp[0].weight, shared[f"layers.{s}.rel_pos_bias.rpe_mlp.0.weight"])
@@ -230,14 +255,14 @@ def test_official_file_with_pickled_yacs_config_loads_without_yacs(tmp_path, mon
     with pytest.raises(Exception):  # the plain safe load cannot read it: this is the case we handle
         torch.load(path, weights_only=True)
 
-    obj = I.torch_load_checkpoint(path)
+    obj = R.load_torch_file(path)
     assert obj["config"]["MODEL"]["VIT"]["DEPTH"] == 2  # kept as plain data (an OrderedDict)
     assert type(obj["config"]).__name__ == "OrderedDict"
-    sd, layout = I.read_student_state_dict(path)
-    assert layout == I.LAYOUT_OFFICIAL
+    sd, layout = L.read_student_state_dict(path)
+    assert layout == L.LAYOUT_OFFICIAL
     assert set(sd) == set(student.state_dict()) | {"rel_pos_bias.relative_position_index"}
     ft = beit(seed=2, finetune=True, num_classes=3)
-    I.load_student_weights(ft, path)
+    L.load_student_weights(ft, path)
     assert torch.equal(ft.blocks[1].attn.relative_position_bias_table, student.rel_pos_bias.relative_position_bias_table)
 
 
@@ -258,13 +283,13 @@ def test_arbitrary_pickles_are_refused_unless_trusted(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"model": beit().state_dict(), "extra": _Payload()}, path)
     _SIDE_EFFECTS.clear()
-    with pytest.raises(I.CheckpointReadError) as e:
-        I.read_student_state_dict(path)
+    with pytest.raises(R.CheckpointReadError) as e:
+        L.read_student_state_dict(path)
     msg = str(e.value)
     assert str(path) in msg and "_side_effect" in msg and "trust_pickle=True" in msg
     assert _SIDE_EFFECTS == []  # refused before anything ran
 
-    sd, _ = I.read_student_state_dict(path, trust_pickle=True)
+    sd, _ = L.read_student_state_dict(path, trust_pickle=True)
     assert _SIDE_EFFECTS == ["ran"] and "blocks.0.attn.qkv.weight" in sd
 
 
@@ -273,25 +298,19 @@ def test_reads_every_layout(tmp_path):
     student = beit()
     sd = student.state_dict()
     ref = set(sd)
-    # fdfast training checkpoint: file and step folder
-    step = tmp_path / "step_00000010"
-    step.mkdir()
-    wrapped = {f"module._orig_mod.{k}": v for k, v in sd.items()}  # DDP around a compiled student
-    torch.save({"format": "fdfast-train", "version": 1, "student": wrapped, "projector": nn.Linear(32, 8).state_dict(),
-                "optimizer": {}, "step": 10, "config": {"model": {"student": BEIT}}}, step / "state.pt")
+    # fdfast training checkpoint as the trainer writes it (DistillModel: encoder.* + decoder.*): file and step folder
+    model = DistillModel(StudentConfig(**BEIT), 8)
+    model.encoder.load_state_dict(sd)
+    lin = model.decoder
+    step = save_distill_checkpoint(tmp_path / "run", 10, model)
     for p in (step, step / "state.pt"):
-        got, layout = I.read_student_state_dict(p)
-        assert layout == I.LAYOUT_FDFAST and set(got) == ref
-    ck = I.read_fdfast_checkpoint(step)
-    assert ck.step == 10 and ck.projector["weight"].shape == (8, 32) and ck.config["model"]["student"] == BEIT
-
-    # the same checkpoint holding the DistillModel state ('model': encoder.* + decoder.*) instead
-    lin = nn.Linear(32, 8)
-    distill_state = {**{f"encoder.{k}": v for k, v in sd.items()}, "decoder.weight": lin.weight, "decoder.bias": lin.bias}
-    torch.save({"format": "fdfast-train", "version": 1, "model": distill_state, "step": 11,
-                "config": {"model": {"student": BEIT}}}, tmp_path / "distill_model.pt")
-    ck = I.read_fdfast_checkpoint(tmp_path / "distill_model.pt")
+        got, layout = L.read_student_state_dict(p)
+        assert layout == L.LAYOUT_FDFAST and set(got) == ref
+    ck = L.read_fdfast_checkpoint(step)
+    assert ck.step == 10 and ck.projector["weight"].shape == (8, 32)
+    assert {k: ck.config["model"]["student"][k] for k in BEIT} == BEIT and ck.task == "distill"
     assert set(ck.student) == ref and torch.equal(ck.projector["weight"], lin.weight)
+    assert torch.equal(ck.student["blocks.1.mlp.fc2.weight"], sd["blocks.1.mlp.fc2.weight"])
 
     # timm safetensors, DDP/compile prefixes, 'state_dict' wrapper, EsViT 'student' with a Namespace
     save_file({f"_orig_mod.{k}": v for k, v in sd.items()}, str(tmp_path / "w.safetensors"))
@@ -299,39 +318,37 @@ def test_reads_every_layout(tmp_path):
     torch.save({"student": {f"module.{k}": v for k, v in sd.items()}, "args": argparse.Namespace(arch="x"),
                 "epoch": 3}, tmp_path / "esvit.pth")
     torch.save({"model": {f"module.encoder.{k}": v for k, v in sd.items()}}, tmp_path / "ddp_fd.pth")
-    expected = {"w.safetensors": I.LAYOUT_SAFETENSORS, "w.pth": I.LAYOUT_STATE_DICT,
-                "esvit.pth": I.LAYOUT_STUDENT_KEY, "ddp_fd.pth": I.LAYOUT_OFFICIAL}
+    expected = {"w.safetensors": L.LAYOUT_SAFETENSORS, "w.pth": L.LAYOUT_STATE_DICT,
+                "esvit.pth": L.LAYOUT_STUDENT_KEY, "ddp_fd.pth": L.LAYOUT_OFFICIAL}
     for name, want in expected.items():
-        got, layout = I.read_student_state_dict(tmp_path / name)
+        got, layout = L.read_student_state_dict(tmp_path / name)
         assert (layout, set(got)) == (want, ref), name
         assert torch.equal(got["blocks.1.mlp.fc2.weight"], sd["blocks.1.mlp.fc2.weight"])
 
 
 def test_run_folder_resolves_to_the_newest_complete_checkpoint(tmp_path):
-    ckpt = pytest.importorskip("fdfast.checkpoint")
-    sd = beit().state_dict()
+    model = DistillModel(StudentConfig(**BEIT), 8)
     for step in (5, 10):
-        ckpt.save_checkpoint(tmp_path, step, {"student": sd, "projector": nn.Linear(32, 8).state_dict(),
-                                              "step": step, "config": {"model": {"student": BEIT}}}, keep=3)
+        save_distill_checkpoint(tmp_path, step, model)
     (tmp_path / "checkpoints" / "step_00000015").mkdir()  # a crashed save: no state.pt / meta.json
-    assert I.resolve_checkpoint_file(tmp_path) == tmp_path / "checkpoints" / "step_00000010" / "state.pt"
-    assert I.read_fdfast_checkpoint(tmp_path).step == 10
+    assert L.resolve_checkpoint_file(tmp_path) == tmp_path / "checkpoints" / "step_00000010" / "state.pt"
+    assert L.read_fdfast_checkpoint(tmp_path).step == 10
 
 
 def test_unreadable_inputs_fail_with_the_path(tmp_path):
-    with pytest.raises(I.CheckpointReadError, match="no such file"):
-        I.read_student_state_dict(tmp_path / "missing.pth")
+    with pytest.raises(R.CheckpointReadError, match="no such file"):
+        L.read_student_state_dict(tmp_path / "missing.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(I.CheckpointReadError, match="junk.pth: not a readable PyTorch checkpoint"):
-        I.read_student_state_dict(tmp_path / "junk.pth")
+    with pytest.raises(R.CheckpointReadError, match="junk.pth: not a readable PyTorch checkpoint"):
+        L.read_student_state_dict(tmp_path / "junk.pth")
     torch.save({"model": {"a": 1}}, tmp_path / "nottensors.pth")
-    with pytest.raises(I.CheckpointReadError, match="non-tensor"):
-        I.read_student_state_dict(tmp_path / "nottensors.pth")
-    with pytest.raises(I.CheckpointReadError, match="holds no state.pt"):
-        I.read_student_state_dict(tmp_path)
+    with pytest.raises(R.CheckpointReadError, match="non-tensor"):
+        L.read_student_state_dict(tmp_path / "nottensors.pth")
+    with pytest.raises(R.CheckpointReadError, match="holds no state.pt"):
+        L.read_student_state_dict(tmp_path)
     torch.save(beit().state_dict(), tmp_path / "plain.pth")
-    with pytest.raises(I.CheckpointReadError, match="not an fdfast training checkpoint"):
-        I.read_fdfast_checkpoint(tmp_path / "plain.pth")
+    with pytest.raises(R.CheckpointReadError, match="not an fdfast training checkpoint"):
+        L.read_fdfast_checkpoint(tmp_path / "plain.pth")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,8 +363,8 @@ def test_unexpected_and_missing_keys_fail_loudly_and_leave_the_model_alone(tmp_p
     save_file(sd, str(path))
     model = beit(seed=9)
     before = params(model)
-    with pytest.raises(I.CheckpointKeyError) as e:
-        I.load_student_weights(model, path)
+    with pytest.raises(C.CheckpointKeyError) as e:
+        L.load_student_weights(model, path)
     msg = str(e.value)
     assert str(path) in msg
     for key in ("extra_head.weight", "blocks.0.attn.k_bias", "blocks.1.mlp.fc1.weight"):
@@ -358,29 +375,29 @@ def test_unexpected_and_missing_keys_fail_loudly_and_leave_the_model_alone(tmp_p
 def test_prefix_and_depth_hints(tmp_path):
     sd = beit().state_dict()
     save_file({f"backbone.{k}": v for k, v in sd.items()}, str(tmp_path / "prefixed.safetensors"))
-    with pytest.raises(I.CheckpointKeyError, match="without the prefix 'backbone.'"):
-        I.load_student_weights(beit(), tmp_path / "prefixed.safetensors")
+    with pytest.raises(C.CheckpointKeyError, match="without the prefix 'backbone.'"):
+        L.load_student_weights(beit(), tmp_path / "prefixed.safetensors")
     deeper = beit(depth=3).state_dict()
     save_file(deeper, str(tmp_path / "deep.safetensors"))
-    with pytest.raises(I.CheckpointKeyError, match=r"blocks: file 3 vs model 2") as e:
-        I.load_student_weights(beit(), tmp_path / "deep.safetensors")
+    with pytest.raises(C.CheckpointKeyError, match=r"blocks: file 3 vs model 2") as e:
+        L.load_student_weights(beit(), tmp_path / "deep.safetensors")
     assert "blocks.2.attn.qkv.weight" in str(e.value)
 
 
 def test_wrong_arch_fails_with_both_shapes(tmp_path):
-    wide = I.build_timm_student_from_fields({**BEIT, "embed_dim": 48, "num_heads": 3})
-    path = I.export_official(wide, None, tmp_path / "wide.pth")
-    with pytest.raises(I.CheckpointShapeError) as e:
-        I.load_student_weights(beit(finetune=True, num_classes=5), path)
+    wide = build({**BEIT, "embed_dim": 48, "num_heads": 3})
+    path = E.export_official(wide, None, tmp_path / "wide.pth")
+    with pytest.raises(C.CheckpointShapeError) as e:
+        L.load_student_weights(beit(finetune=True, num_classes=5), path)
     msg = str(e.value)
     assert str(path) in msg and "patch_embed.proj.weight: file (48, 3, 8, 8) vs model (32, 3, 8, 8)" in msg
     assert "cls_token: file (1, 1, 48) vs model (1, 1, 32)" in msg
     assert "35 tensor(s) differ in shape" in msg and "... and 23 more" in msg  # long lists are cut
 
-    other_patch = I.build_timm_student_from_fields({**SWIN, "patch_size": 4, "img_size": 64})
-    path = I.export_official(other_patch, None, tmp_path / "swin4.pth")
-    with pytest.raises(I.CheckpointShapeError, match=r"patch_embed.proj.weight: file \(16, 3, 4, 4\)"):
-        I.load_student_weights(swin(), path)
+    other_patch = build({**SWIN, "patch_size": 4, "img_size": 64})
+    path = E.export_official(other_patch, None, tmp_path / "swin4.pth")
+    with pytest.raises(C.CheckpointShapeError, match=r"patch_embed.proj.weight: file \(16, 3, 4, 4\)"):
+        L.load_student_weights(swin(), path)
 
 
 @torch.no_grad()
@@ -389,27 +406,28 @@ def test_a_head_of_another_task_starts_fresh(tmp_path):
     save_file(src.state_dict(), str(tmp_path / "ft7.safetensors"))
     dst = beit(seed=4, finetune=True, num_classes=5)
     head_before = dst.head.weight.clone()
-    report = I.load_student_weights(dst, tmp_path / "ft7.safetensors")
+    report = L.load_student_weights(dst, tmp_path / "ft7.safetensors")
     assert set(report.dropped) == {"head.weight", "head.bias"} and report.missing == ["head.weight", "head.bias"]
     assert torch.equal(dst.head.weight, head_before) and torch.equal(dst.fc_norm.weight, src.fc_norm.weight)
-    with pytest.raises(I.CheckpointShapeError):  # an exact load does not tolerate it
-        I.load_student_weights(dst, tmp_path / "ft7.safetensors", expected_missing=())
+    with pytest.raises(C.CheckpointShapeError):  # an exact load does not tolerate it
+        L.load_student_weights(dst, tmp_path / "ft7.safetensors", expected_missing=())
 
 
-@pytest.mark.parametrize("fields,num_classes,finetune", [(BEIT, 0, False), (BEIT, 5, True), (SWIN, 4, False)])
-def test_students_from_fields_come_from_the_trainers_builder(fields, num_classes, finetune):
-    from fdfast.config import StudentConfig
-    from fdfast.models.student import build_student
-
-    torch.manual_seed(0)
-    built = I.build_timm_student_from_fields(fields, num_classes, finetune)
+@pytest.mark.parametrize("fields,num_classes,finetune", [(BEIT, 0, False), (BEIT, 5, True), (SWIN, 4, True)])
+def test_timm_kwargs_rebuild_the_trainers_student(fields, num_classes, finetune):
+    """The kwargs the export records are the ones build_student uses: timm.create_model with them (after a JSON
+    round trip, as config.json stores them) builds the same network with the same init."""
     cfg = StudentConfig(**fields, drop_path=0.0, num_classes=num_classes)
     torch.manual_seed(0)
-    reference = build_student(cfg, finetune=finetune or fields["arch"] == "swinv2", fd_init=False)
+    built = build_student(cfg, finetune=finetune, fd_init=False)
+    args = json.loads(json.dumps(timm_kwargs(cfg, finetune=finetune)))
+    torch.manual_seed(0)
+    reference = timm.create_model(E.default_timm_model_name(fields["arch"], args), **args)
     a, b = built.state_dict(), reference.state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(ValueError, match="fine-tune layout"):  # a distillation ViT has no class head
-        I.build_timm_student_from_fields(BEIT, 5)
+    assert built.num_classes == num_classes
+    if fields["arch"] == "beit":  # FD's LayerNorm eps, without passing a norm_layer that JSON cannot hold
+        assert {m.eps for m in built.modules() if isinstance(m, nn.LayerNorm)} == {1e-6}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,9 +436,9 @@ def test_students_from_fields_come_from_the_trainers_builder(fields, num_classes
 @torch.no_grad()
 def test_export_timm_loads_back_three_ways(tmp_path):
     distill = beit()
-    _, args = I.timm_student_kwargs(BEIT)
+    args = kwargs(BEIT)
     compiled = torch.compile(distill)  # wrapper only (never called): its keys carry '_orig_mod.'
-    weights = I.export_timm(compiled, tmp_path / "fd_vit", model_args=args)
+    weights = E.export_timm(compiled, tmp_path / "fd_vit", model_args=args)
     assert weights == tmp_path / "fd_vit" / "model.safetensors"
     assert sorted(os.listdir(tmp_path / "fd_vit")) == ["config.json", "model.safetensors"]  # no temp files left
 
@@ -448,8 +466,8 @@ def test_export_timm_loads_back_three_ways(tmp_path):
 @torch.no_grad()
 def test_export_timm_finetuned_and_swin_logits(tmp_path):
     ft = beit(finetune=True, num_classes=5)
-    _, args = I.timm_student_kwargs(BEIT, num_classes=5, finetune=True)
-    w = I.export_timm(ft, tmp_path / "ft.safetensors", model_args=args)
+    args = kwargs(BEIT, num_classes=5, finetune=True)
+    w = E.export_timm(ft, tmp_path / "ft.safetensors", model_args=args)
     assert (tmp_path / "config.json").is_file()
     rebuilt = timm.models.beit.Beit(**args)
     timm.models.load_checkpoint(rebuilt, str(w))
@@ -457,7 +475,7 @@ def test_export_timm_finetuned_and_swin_logits(tmp_path):
     assert torch.equal(rebuilt.eval()(x), ft(x))
 
     s = swin(num_classes=4)  # model_args inferred from the module
-    w = I.export_timm(s, tmp_path / "swin")
+    w = E.export_timm(s, tmp_path / "swin")
     cfg = json.loads((tmp_path / "swin" / "config.json").read_text())
     assert cfg["model_args"]["window_size"] == 4 and cfg["pretrained_cfg"]["classifier"] == "head.fc"
     m = timm.create_model(f"local-dir:{tmp_path / 'swin'}", pretrained=True).eval()
@@ -469,16 +487,16 @@ def test_registered_timm_name_roundtrip(tmp_path):
     # beit_base_patch16_224 with its registered defaults (width 768, per-block tables, fc_norm, 1000-class
     # head) apart from depth, which is cut to 2 blocks to keep the CPU test short
     model = timm.create_model("beit_base_patch16_224", depth=2).eval()
-    w = I.export_timm(model, tmp_path / "b16", "beit_base_patch16_224", model_args={"depth": 2})
+    w = E.export_timm(model, tmp_path / "b16", "beit_base_patch16_224", model_args={"depth": 2})
     again = timm.create_model("beit_base_patch16_224", checkpoint_path=str(w), depth=2).eval()
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     assert torch.equal(again(x), model(x))
 
 
 def test_export_refuses_args_that_do_not_rebuild_it(tmp_path):
-    _, args = I.timm_student_kwargs(BEIT)
+    args = kwargs(BEIT)
     with pytest.raises(ValueError, match="relative_position_bias_table"):
-        I.export_timm(beit(), tmp_path / "x", model_args={**args, "use_shared_rel_pos_bias": False,
+        E.export_timm(beit(), tmp_path / "x", model_args={**args, "use_shared_rel_pos_bias": False,
                                                           "use_rel_pos_bias": True})
     assert not (tmp_path / "x").exists()
 
@@ -493,10 +511,10 @@ def test_failed_write_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        I.export_official(beit(), None, target)
+        E.export_official(beit(), None, target)
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["fd.pth"]
 
 
 def test_official_export_refuses_a_classifier():
     with pytest.raises(ValueError, match="5-class head"):
-        I.official_state_dict(beit(finetune=True, num_classes=5))
+        E.official_state_dict(beit(finetune=True, num_classes=5))

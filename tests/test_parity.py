@@ -44,9 +44,10 @@ import _official_reference as R
 import _release_files as RF
 from fdfast.config import StudentConfig, config_from_dict
 from fdfast.distributed import DistInfo
-from fdfast.interop import (CheckpointKeyError, CheckpointReadError, CheckpointShapeError,
-                                   LAYOUT_OFFICIAL, export_official, load_official_distill_checkpoint,
-                                   official_state_dict, official_to_distill_state_dict)
+from fdfast.interop.conversion import CheckpointKeyError, CheckpointShapeError, official_to_distill_state_dict
+from fdfast.interop.export import export_official, official_state_dict
+from fdfast.interop.loading import LAYOUT_OFFICIAL, load_official_distill_checkpoint
+from fdfast.interop.reading import CheckpointReadError
 from fdfast.models.student import DistillModel
 from fdfast.objective import normalize
 from fdfast.models.target import TeacherTarget

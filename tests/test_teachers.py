@@ -20,7 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fdfast.config import TeacherConfig
-from fdfast.models.teachers import Teacher, TeacherLoadError, build_teacher, load_teacher_state_dict
+from fdfast.interop.reading import UnsafePickleError
+from fdfast.models.teacher_files import TeacherLoadError, load_teacher_state_dict
+from fdfast.models.teachers import Teacher, build_teacher
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -471,14 +473,18 @@ class _TrainingState:  # an arbitrary pickled object, as in some training checkp
         self.step = 3
 
 
-def test_non_tensor_pickles_load_with_a_warning(vit_files, tmp_path):
+def test_non_tensor_pickles_load_with_a_warning_only_when_trusted(vit_files, tmp_path):
     dino, _, _, _ = vit_files
     sd = dict(dino.state_dict())
     path = tmp_path / "dino_with_state.pth"
     torch.save({**sd, "train_state": _TrainingState()}, path)
     with pytest.raises(TeacherLoadError, match="train_state"):  # loaded (with a warning), then strictly checked
         with pytest.warns(UserWarning, match=r"_TrainingState.*weights_only=False"):
-            build_teacher(_cfg("dino", "vit_base_patch16_224", path, VIT_KW), VIT_IMG)
+            build_teacher(_cfg("dino", "vit_base_patch16_224", path, VIT_KW), VIT_IMG, trust_pickle=True)
+    with pytest.raises(UnsafePickleError) as e:  # without model.trust_pickle: refused, nothing unpickled
+        build_teacher(_cfg("dino", "vit_base_patch16_224", path, VIT_KW), VIT_IMG)
+    assert str(path) in str(e.value) and "_TrainingState" in str(e.value)
+    assert "--set model.trust_pickle=true" in str(e.value)
 
 
 def test_garbage_file_is_reported(tmp_path):

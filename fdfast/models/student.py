@@ -13,7 +13,6 @@ weight-decay rules and the official export a matter of prefixes.
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 import torch.nn as nn
@@ -24,25 +23,32 @@ from timm.models.swin_transformer_v2 import SwinTransformerV2
 from ..config import StudentConfig
 
 
+def timm_kwargs(cfg: StudentConfig, *, finetune: bool = False) -> dict:
+    """The exact constructor kwargs of the timm class :func:`build_student` instantiates.
+
+    Plain JSON values, so the timm export records them as ``model_args`` and ``timm.create_model`` rebuilds
+    the very same network from them. ViT: ``finetune`` switches from the shared relative position bias to one
+    table per block, mean pooling + ``fc_norm`` + a class head; timm's default norm layer is already FD's
+    LayerNorm(eps=1e-6). SwinV2: the same network in both layouts, with a head only when fine-tuning.
+    """
+    common = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+                  mlp_ratio=cfg.mlp_ratio, qkv_bias=True, drop_path_rate=cfg.drop_path,
+                  num_classes=cfg.num_classes if finetune else 0)
+    if cfg.arch == "beit":
+        shared = cfg.shared_rel_pos_bias and not finetune
+        return dict(common, depth=cfg.depth, num_heads=cfg.num_heads, init_values=cfg.init_values,
+                    use_abs_pos_emb=False, use_rel_pos_bias=not shared, use_shared_rel_pos_bias=shared,
+                    global_pool="avg" if finetune else "")
+    return dict(common, depths=list(cfg.depth), num_heads=list(cfg.num_heads), window_size=cfg.window_size)
+
+
 def build_beit(cfg: StudentConfig, *, finetune: bool = False) -> Beit:
     """BEiT-style ViT; ``finetune`` switches to per-block RPB + mean pooling + class head."""
-    shared = cfg.shared_rel_pos_bias and not finetune
-    return Beit(
-        img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
-        num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True, init_values=cfg.init_values,
-        use_abs_pos_emb=False, use_rel_pos_bias=not shared, use_shared_rel_pos_bias=shared,
-        num_classes=cfg.num_classes if finetune else 0, global_pool="avg" if finetune else "",
-        drop_path_rate=cfg.drop_path, norm_layer=partial(nn.LayerNorm, eps=1e-6),
-    )
+    return Beit(**timm_kwargs(cfg, finetune=finetune))
 
 
 def build_swinv2(cfg: StudentConfig, *, finetune: bool = False) -> SwinTransformerV2:
-    return SwinTransformerV2(
-        img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
-        depths=tuple(cfg.depth), num_heads=tuple(cfg.num_heads), window_size=cfg.window_size,
-        mlp_ratio=cfg.mlp_ratio, qkv_bias=True, drop_path_rate=cfg.drop_path,
-        num_classes=cfg.num_classes if finetune else 0,
-    )
+    return SwinTransformerV2(**timm_kwargs(cfg, finetune=finetune))
 
 
 @torch.no_grad()

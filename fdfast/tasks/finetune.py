@@ -27,7 +27,7 @@ from .. import checkpoint as ckpt
 from ..config import ConfigError, FDConfig
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..distributed import DistInfo
-from ..interop import load_student_weights
+from ..interop.loading import load_student_weights
 from ..logging import log
 from ..models.student import build_student
 from ..objective import normalize

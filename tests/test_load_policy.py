@@ -1,0 +1,164 @@
+"""The one load policy: files whose unpickling would run code are refused wherever fdfast reads them.
+
+The payload is a pickle whose ``__reduce__`` calls ``io.open(marker, "w")``: a global torch's weights-only
+loader has no rule of its own for, so a refusal proves the policy refused it (and a trusted load proves the
+file really creates the marker). TorchScript archives are read without ``torch.jit.load``.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import subprocess
+import sys
+import warnings
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import _release_files as RF
+from conftest import tiny_dict
+from fdfast.checkpoint import save_checkpoint
+from fdfast.interop.reading import (CheckpointReadError, UnsafePickleError, load_torch_file,
+                                    read_torchscript_state_dict)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class CreatesMarker:
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (io.open, (self.marker, "w"))
+
+
+def evil_file(path: Path, marker: Path) -> Path:
+    torch.save({"model": {"w": torch.zeros(2)}, "extra": CreatesMarker(marker)}, path)
+    return path
+
+
+def test_a_trusted_load_really_runs_the_payload(tmp_path):
+    marker = tmp_path / "marker"
+    path = evil_file(tmp_path / "evil.pth", marker)
+    with pytest.raises(UnsafePickleError) as e:
+        load_torch_file(path)
+    assert not marker.exists()
+    assert str(path) in str(e.value) and "io.open" in str(e.value) and "--set model.trust_pickle=true" in str(e.value)
+    with pytest.warns(UserWarning, match=r"io\.open.*weights_only=False.*runs code"):
+        obj = load_torch_file(path, trust_pickle=True)
+    obj["extra"].close()
+    assert marker.exists()  # the control: this file does run code when fully unpickled
+
+
+def test_fdfast_checkpoints_have_no_opt_in(tmp_path):
+    marker = tmp_path / "marker"
+    path = evil_file(tmp_path / "state.pt", marker)
+    with pytest.raises(UnsafePickleError, match="not written by fdfast-train") as e:
+        load_torch_file(path, trust_pickle=True, opt_in=None)
+    assert "trust_pickle" not in str(e.value) and not marker.exists()
+
+
+def _train(cfg_file: Path, *overrides: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "fdfast.cli.train", "--config", str(cfg_file)]
+    for o in overrides:
+        cmd += ["--set", o]
+    return subprocess.Popen(cmd, env=env, cwd=cfg_file.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+@pytest.mark.slow
+def test_cli_refuses_the_file_as_teacher_pretrained_and_resume_checkpoint(tmp_path):
+    cfg_file = tmp_path / "tiny.yaml"
+    cfg_file.write_text(yaml.safe_dump(tiny_dict(tmp_path)))
+    markers = {case: tmp_path / f"marker_{case}" for case in ("teacher", "pretrained", "resume")}
+    teacher = evil_file(tmp_path / "teacher.pth", markers["teacher"])
+    pretrained = evil_file(tmp_path / "pretrained.pth", markers["pretrained"])
+    # a complete checkpoint folder (meta.json with sizes) whose state.pt carries the payload
+    resume_run = tmp_path / "resume_run"
+    folder = save_checkpoint(resume_run, 4, {"model": {}, "step": 4, "extra": CreatesMarker(markers["resume"])})
+    runs = {  # started together: three interpreters importing torch are the slow part
+        "teacher": _train(cfg_file, f"model.teacher.weights={teacher}", f"train.output_dir={tmp_path / 'r1'}"),
+        "pretrained": _train(cfg_file, "train.task=finetune", "model.student.num_classes=4",
+                             f"model.pretrained={pretrained}", f"train.output_dir={tmp_path / 'r2'}"),
+        "resume": _train(cfg_file, f"train.output_dir={resume_run}"),
+    }
+    files = {"teacher": teacher, "pretrained": pretrained, "resume": folder / "state.pt"}
+    for case, proc in runs.items():
+        out, err = proc.communicate(timeout=600)
+        lines = [line for line in err.splitlines() if line.startswith("fdfast-train:")]
+        assert proc.returncode == 2, (case, out, err)
+        assert "Traceback" not in err and len(lines) == 1, (case, err)
+        assert lines[0].startswith("fdfast-train: UnsafePickleError:") and "io.open" in lines[0], lines
+        assert str(files[case]) in lines[0]
+        assert ("--set model.trust_pickle=true" in lines[0]) == (case != "resume"), lines
+        assert not markers[case].exists(), case
+
+
+# ----------------------------------------------------------------------------------------------
+# TorchScript archives without torch.jit.load
+# ----------------------------------------------------------------------------------------------
+def test_torchscript_reader_equals_jit_state_dict(tmp_path):
+    path = RF.write_openai_clip(tmp_path / "ViT-tiny.pt")
+    ours = read_torchscript_state_dict(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch >= 2.9 marks torch.jit as deprecated
+        ref = torch.jit.load(str(path), map_location="cpu").state_dict()
+    assert list(ours) == list(ref) and len(ours) > 30  # visual.*, the text tower, input_resolution, ...
+    for k, v in ref.items():
+        assert ours[k].dtype == v.dtype and ours[k].shape == v.shape and torch.equal(ours[k], v), k
+    assert ours["visual.conv1.weight"].dtype == torch.float16 and ours["input_resolution"].item() == 32
+    assert load_torch_file(path).keys() == ours.keys()  # the policy dispatches archives to this reader
+
+
+class ScriptedWithLists(torch.nn.Module):
+    """Scripted (not traced): list and dict attributes make TorchScript pickle its type-tag helpers."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 2)
+        self.register_buffer("scale", torch.arange(2.0))
+        self.sizes: list[int] = [1, 2, 3]
+        self.weights: list[float] = [0.5]
+        self.names: dict[str, int] = {"a": 1}
+
+    def forward(self, x):
+        return self.proj(x) * self.scale * self.sizes[0] * self.weights[0] * self.names["a"]
+
+
+def test_torchscript_reader_reads_scripted_modules_with_list_attributes(tmp_path):
+    path = tmp_path / "scripted.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(ScriptedWithLists()), str(path))
+        ref = torch.jit.load(str(path)).state_dict()
+    with zipfile.ZipFile(path) as zf:  # the case this test is about
+        assert b"restore_type_tag" in zf.read("scripted/data.pkl")
+    ours = read_torchscript_state_dict(path)
+    assert list(ours) == list(ref) and set(ref) == {"scale", "proj.weight", "proj.bias"}
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+def _archive_with_data_pkl(src: Path, dst: Path, data_pkl: bytes) -> Path:
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            raw = data_pkl if info.filename.endswith("/data.pkl") else zin.read(info.filename)
+            zout.writestr(info, raw)
+    return dst
+
+
+def test_torchscript_archive_with_a_foreign_global_is_refused(tmp_path):
+    marker = tmp_path / "marker"
+    src = RF.write_openai_clip(tmp_path / "clip.pt")
+    bad = _archive_with_data_pkl(src, tmp_path / "bad.pt", pickle.dumps(CreatesMarker(marker), protocol=2))
+    with pytest.raises(UnsafePickleError) as e:
+        read_torchscript_state_dict(bad)
+    assert "io.open" in str(e.value) and str(bad) in str(e.value) and not marker.exists()
+
+    broken = _archive_with_data_pkl(src, tmp_path / "truncated.pt", b"\x80\x02}q\x00(")  # a pickle cut short
+    with pytest.raises(CheckpointReadError, match="cannot read this TorchScript archive"):
+        read_torchscript_state_dict(broken)
