@@ -166,12 +166,14 @@ class Trainer:
         self.evaluated_epoch = int(state.get("evaluated_epoch", int(state["step"]) // spe_old))
 
     def _warn(self, path: Path, why: str) -> None:
+        self.skipped_checkpoints.append(f"{path.name}: {why}")
         if self.info.is_main:
             log(f"WARNING: skipping checkpoint {path}: {why}")
 
     def resume(self) -> Optional[Path]:
         """Load the checkpoint to continue from (see ``fdfast.resume``), with this rank's RNG state."""
         info, chosen, state, rng, error = self.info, None, None, None, None
+        self.skipped_checkpoints: list[str] = []
         if info.is_main:
             try:
                 candidates = choose_checkpoint(self.out, self.cfg.train.resume, self._warn)
@@ -184,9 +186,9 @@ class Trainer:
                         self._warn(path, str(e))
                 if chosen is None and self.cfg.train.resume is not False and ckpt.list_checkpoints(self.out):
                     raise ckpt.CheckpointLoadError(
-                        f"{ckpt.ckpt_root(self.out)} holds checkpoints but none can be used (see the warnings "
-                        "above); fdfast does not silently start again from step 0: move them away, or set "
-                        "train.resume=false to start fresh")
+                        f"{ckpt.ckpt_root(self.out)} holds checkpoints but none can be used "
+                        f"({'; '.join(self.skipped_checkpoints)}); fdfast does not silently start again from "
+                        "step 0: move them away, or set train.resume=false to start fresh")
                 if chosen is not None:
                     check_config_drift(state.get("config"), to_dict(self.cfg), allow=self.allow_config_change,
                                        where=chosen, log=log)

@@ -79,6 +79,19 @@ def test_checkpoint_that_verifies_but_does_not_load_is_skipped(tiny_cfg, tmp_pat
     assert "skipping checkpoint" in log and "cannot read checkpoint" in log and "step_00000002 at step 2" in log
 
 
+def test_a_folder_whose_only_checkpoints_are_damaged_is_refused_not_restarted(tiny_cfg, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_cfg(train={"output_dir": str(out), "max_steps": 2}))
+    state = ckpt.find_latest(out) / "state.pt"
+    data = bytearray(state.read_bytes())
+    data[-100] ^= 1
+    state.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointLoadError, match=r"step_00000002: state\.pt does not match its SHA-256.*"
+                                                       r"train\.resume=false"):
+        train(tiny_cfg(train={"output_dir": str(out), "max_steps": 4}))
+    assert train(tiny_cfg(train={"output_dir": str(out), "max_steps": 2, "resume": False}))["step"] == 2
+
+
 def test_non_finite_state_is_never_written(tmp_path):
     with pytest.raises(ckpt.NonFiniteState, match=r"model\.w"):
         ckpt.save_checkpoint(tmp_path, 3, {"model": {"w": torch.tensor([1.0, float("nan")])}})
