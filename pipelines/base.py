@@ -1,6 +1,7 @@
 """The loader contract every backend implements.
 
-Every backend yields ``(images, labels)``:
+A backend is built from the ``data`` config section and a :class:`LoaderRequest` (train or eval, batch size,
+image size, device, rank, world size, seed) and yields ``(images, labels)``:
 
 * ``images``: ``torch.uint8``, shape ``(B, 3, H, W)``, channels-last memory
   (``images.is_contiguous(memory_format=torch.channels_last)``), on the training device;
@@ -12,26 +13,39 @@ and is equal on every rank. Training drops the remainder; evaluation instead pad
 with images labelled ``-1`` (``pad_eval_batch``), which metrics must ignore, so that every image is
 counted exactly once across ranks. ``set_epoch(epoch, start_batch)`` fixes the order of the next pass from
 ``(seed, epoch)`` alone and skips its first ``start_batch`` batches (exact mid-epoch resume).
+``skipped_images`` counts the files this loader dropped under ``data.on_bad_image=skip`` (see :class:`BadImages`).
+
+Everything a user can fix (a missing or empty folder, a file that is not an FFCV file, a batch larger than
+the data set, undecodable images) raises :class:`DataError`: one line naming the file or key and the fix.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
-from fdfast.errors import MissingDependency  # noqa: F401 - re-exported: the backends raise it
+from fdfast.config.data import DataConfig
+from fdfast.errors import MissingDependency, UserError
+from fdfast.logging import log
+
+__all__ = ["CROP_RATIO", "BadImages", "CountedLoader", "DataError", "Loader", "LoaderRequest", "MissingDependency",
+           "check_batch", "empty_batch", "pad_eval_batch"]
 
 # Distillation / fine-tune RandomResizedCrop ranges (torchvision defaults, used by FD).
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
-@dataclass(frozen=True)
-class LoaderSpec:
-    """What the trainer asks of a backend; built from DataConfig by ``pipelines.build_loader``."""
+class DataError(UserError, ValueError):
+    """A data set or loader setting that cannot be used; the message names the file or key and the fix."""
 
-    path: str                 # ImageFolder dir or .beton (empty for synthetic)
+
+@dataclass(frozen=True)
+class LoaderRequest:
+    """What the trainer asks of a loader beyond the ``data`` section: which split, how big, where."""
+
     train: bool               # True: random-resized-crop + flip, shuffled, drop_last; False: resize + center crop
     batch_size: int           # per rank
     img_size: int             # output H = W
@@ -39,18 +53,24 @@ class LoaderSpec:
     rank: int = 0
     world_size: int = 1
     seed: int = 0
-    num_workers: int = 4
-    prefetch: int = 2
-    min_scale: float = 0.08
-    max_scale: float = 1.0
-    interpolation: str = "bilinear"
-    eval_resize: int = 256
-    num_classes: int = 1000
-    synthetic_size: int = 4096
-    auto_augment: str | None = None   # timm RandAugment spec, or None
-    ffcv_order: str = "random"
-    ffcv_os_cache: bool = True
-    dali_hw_decoder_load: float = 0.65
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside world_size {self.world_size}")
+        object.__setattr__(self, "device", torch.device(self.device))
+
+    @property
+    def key(self) -> str:
+        """The config key naming this split's data."""
+        return "data.train" if self.train else "data.val"
+
+    def source(self, data: DataConfig) -> str:
+        """This split's ImageFolder or ``.beton`` path."""
+        return data.train if self.train else data.val
+
+    def no_full_batch(self, what: str, n: int) -> DataError:
+        return DataError(f"{self.key}={what!r}: {n} images give no full batch of {self.batch_size} on each of "
+                         f"{self.world_size} rank(s); lower train.batch_size")
 
 
 @runtime_checkable
@@ -64,6 +84,11 @@ class Loader(Protocol):
     @property
     def num_samples(self) -> int:
         """Images in the whole dataset (all ranks)."""
+        ...
+
+    @property
+    def skipped_images(self) -> int:
+        """Undecodable files this loader dropped so far (``data.on_bad_image=skip``)."""
         ...
 
 
@@ -88,36 +113,68 @@ def check_batch(images: torch.Tensor, labels: torch.Tensor) -> None:
     assert labels.device == images.device
 
 
-def empty_batch(spec: LoaderSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of no images, in the contract's layout on ``spec.device``; ``pad_eval_batch`` fills it
+def empty_batch(request: LoaderRequest) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of no images, in the contract's layout on the request's device; ``pad_eval_batch`` fills it
     with padding for a rank whose shard ran out before its last eval batches."""
-    images = torch.empty((0, 3, spec.img_size, spec.img_size), dtype=torch.uint8, device=spec.device)
+    images = torch.empty((0, 3, request.img_size, request.img_size), dtype=torch.uint8, device=request.device)
     return (images.contiguous(memory_format=torch.channels_last),
-            torch.empty((0,), dtype=torch.int64, device=spec.device))
+            torch.empty((0,), dtype=torch.int64, device=request.device))
 
 
-def check_center_crop_backend(spec: LoaderSpec, backend: str) -> None:
-    """Reject what a backend with a fixed decode pipeline (no RandAugment, eval = centre crop of the
-    resized image) cannot do: ``auto_augment``, and an eval resize smaller than the crop."""
-    if spec.auto_augment:
-        raise ValueError(f"data.auto_augment={spec.auto_augment!r} is not available with data.backend='{backend}'; "
-                         "use data.backend='torchvision' for RandAugment, or set data.auto_augment=null")
-    if not spec.train and spec.eval_resize < spec.img_size:
-        raise ValueError(f"data.eval_resize={spec.eval_resize} is smaller than the image size {spec.img_size}; "
-                         "the center crop must fit inside the resized image (e.g. 256 for 224)")
+class BadImages:
+    """What ``data.on_bad_image`` says about files a backend could not decode while loading.
+
+    ``error``: :meth:`handle` raises a :class:`DataError` naming every bad file found (the files of the
+    batches in flight; ``fdfast-convert --check-only`` lists all of a folder). ``skip``: it records them
+    (``count``), logs each file once and returns, and the backend fills the file's slot in the batch: in
+    training with the next readable file in folder order (its label too), in evaluation with a black
+    image labelled -1 (padding, ignored by metrics). Replacing instead of dropping keeps every batch full,
+    ``len(loader)`` equal on every rank and the order of every other sample what it would have been.
+    """
+
+    def __init__(self, policy: str, root: str, key: str):
+        self.policy, self.root, self.key = policy, root, key
+        self.found: dict[str, str] = {}   # path -> reason, skipped so far
+
+    @property
+    def skip(self) -> bool:
+        return self.policy == "skip"
+
+    @property
+    def count(self) -> int:
+        return len(self.found)
+
+    def handle(self, bad: list[tuple[str, str]]) -> None:
+        if not bad:
+            return
+        if not self.skip:
+            listing = "; ".join(f"'{p}' ({_one_line(why)})" for p, why in sorted(set(bad)))
+            raise DataError(f"undecodable image(s) in {self.key}='{self.root}': {listing}. Remove or replace them, "
+                            "or set data.on_bad_image=skip to leave them out; `fdfast-convert --check-only "
+                            f"{self.root}` lists every undecodable file of the folder")
+        for path, why in bad:
+            if path not in self.found:
+                self.found[path] = why
+                log(f"skipped undecodable image '{path}' ({_one_line(why)}); {self.count} skipped in {self.key} "
+                    "(data.on_bad_image=skip)")
+
+
+def _one_line(text: str) -> str:
+    lines = [s.strip() for s in str(text).strip().splitlines() if s.strip()]
+    return lines[-1] if lines else "unknown error"
 
 
 class CountedLoader:
     """Pass bookkeeping of the backends that count their own batches (FFCV, DALI).
 
-    A subclass sets ``spec`` and ``_len`` (training: full batches per rank) or calls
+    A subclass sets ``request`` and ``_len`` (training: full batches per rank) or calls
     :meth:`_count_eval_batches` (evaluation), and in ``__iter__`` starts with :meth:`_begin_pass`, hands
     each batch through :meth:`_finish_batch` and ends with :meth:`_padding_batches`: evaluation pads the
     pass's last batch and adds padding-only batches where the rank's shard ran out early, so every rank
     yields ``ceil(ceil(N / world) / batch)`` batches of equal shapes.
     """
 
-    spec: LoaderSpec
+    request: LoaderRequest
     _len: int
     _per_rank: int
     _epoch: int = 0
@@ -138,16 +195,16 @@ class CountedLoader:
         return epoch, start
 
     def _count_eval_batches(self, num_samples: int) -> None:
-        self._per_rank = math.ceil(num_samples / self.spec.world_size)
-        self._len = math.ceil(self._per_rank / self.spec.batch_size)
+        self._per_rank = math.ceil(num_samples / self.request.world_size)
+        self._len = math.ceil(self._per_rank / self.request.batch_size)
 
     def _last_batch_size(self) -> int:
-        return self._per_rank - (self._len - 1) * self.spec.batch_size
+        return self._per_rank - (self._len - 1) * self.request.batch_size
 
     def _finish_batch(self, images: torch.Tensor, labels: torch.Tensor,
                       emitted: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch number ``emitted`` (1-based) as it is handed out: the last eval batch padded."""
-        if not self.spec.train and emitted == self._len:
+        if not self.request.train and emitted == self._len:
             return pad_eval_batch(images, labels, self._last_batch_size())
         return images, labels
 
@@ -155,4 +212,4 @@ class CountedLoader:
         """Eval: the batches after the ``emitted`` ones, where this rank's shard is empty."""
         while emitted < self._len:
             emitted += 1
-            yield pad_eval_batch(*empty_batch(self.spec), self._last_batch_size())
+            yield pad_eval_batch(*empty_batch(self.request), self._last_batch_size())

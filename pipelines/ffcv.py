@@ -8,7 +8,7 @@ Pipeline (the ffcv-imagenet recipe, minus normalisation, which the FD step does 
   side ``S/eval_resize * shorter side`` resized to S, the same region as resize-256 + center-crop-224;
 * then ``ToTensor, ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)``: uint8
   NHWC memory seen as NCHW channels-last; labels ``IntDecoder, ToTensor, Squeeze(1), ToDevice``
-  (int64). FFCV resizes with OpenCV's INTER_AREA whatever ``spec.interpolation`` says.
+  (int64). FFCV resizes with OpenCV's INTER_AREA whatever ``data.interpolation`` says.
 
 Order and sharding. ``set_epoch(e, k)`` fixes the order from ``(seed, e)``: FFCV's RANDOM order is
 ``default_rng(seed + e).permutation`` on one process and ``DistributedSampler(seed).set_epoch(e)``
@@ -44,7 +44,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import CROP_RATIO, CountedLoader, LoaderSpec, MissingDependency, check_center_crop_backend
+from fdfast.config.data import DataConfig
+
+from .base import CROP_RATIO, CountedLoader, DataError, LoaderRequest, MissingDependency
 
 INSTALL_HINT = "install FFCV with `pip install 'fdfast[ffcv]' && pip install --no-deps ffcv==1.0.2` (it compiles: needs a C++ compiler, pkg-config, libturbojpeg and OpenCV, see the README's Install section), or in a source checkout `bash scripts/install_optional_deps.sh .venv/bin/python`"
 
@@ -123,108 +125,111 @@ def _usable_workers(requested: int) -> int:
 class FFCVLoader(CountedLoader):
     """The loader contract (``pipelines.base``) over an FFCV ``.beton`` with ``image`` and ``label`` fields."""
 
-    def __init__(self, spec: LoaderSpec):
+    skipped_images = 0    # undecodable files were left out by fdfast-convert
+
+    def __init__(self, data: DataConfig, request: LoaderRequest):
         threads = torch.get_num_threads()    # importing ffcv already sets it to 1
         try:
             decoders, loader_mod, transforms, EpochIterator, Compiler, QuasiRandom = _import_ffcv()
         finally:
             torch.set_num_threads(threads)
-        self.spec = spec
-        path = Path(spec.path)
-        if not spec.path:
-            raise ValueError("data.backend='ffcv' needs a .beton file in data.train / data.val "
-                             "(build one with fdfast-convert IMAGE_FOLDER OUT_DIR)")
+        self.data, self.request = data, request
+        key, path = request.key, Path(request.source(data))
+        if not request.source(data):
+            raise DataError(f"data.backend='ffcv' needs a .beton file in {key} "
+                            "(build one with fdfast-convert IMAGE_FOLDER OUT_DIR)")
         if path.is_dir():
-            raise ValueError(f"'{path}' is a folder; data.backend='ffcv' reads .beton files. "
-                             f"Convert it with: fdfast-convert {path} OUT_DIR")
+            raise DataError(f"{key}='{path}' is a folder; data.backend='ffcv' reads .beton files. "
+                            f"Convert it with: fdfast-convert {path} OUT_DIR")
         if not path.is_file():
-            raise FileNotFoundError(f"FFCV file '{path}' does not exist (data.train / data.val); "
-                                    "build it with fdfast-convert")
-        check_center_crop_backend(spec, "ffcv")
-        if spec.ffcv_order not in ("random", "quasi_random"):
-            raise ValueError(f"data.ffcv_order={spec.ffcv_order!r}; choose 'random' or 'quasi_random'")
-        if spec.interpolation != "bilinear":
-            warnings.warn(f"data.interpolation={spec.interpolation!r} is ignored by FFCV, which resizes with "
+            raise DataError(f"{key}='{path}' does not exist; build it with fdfast-convert IMAGE_FOLDER OUT_DIR")
+        if data.interpolation != "bilinear":
+            warnings.warn(f"data.interpolation={data.interpolation!r} is ignored by FFCV, which resizes with "
                           "OpenCV INTER_AREA", stacklevel=2)
-        distributed = spec.train and spec.world_size > 1
+        distributed = request.train and request.world_size > 1
         if distributed:
-            self._check_process_group(spec)
-            if spec.ffcv_order == "quasi_random":
-                raise ValueError("data.ffcv_order='quasi_random' is not supported by FFCV with several "
-                                 "processes (world_size > 1); use data.ffcv_order='random'")
+            self._check_process_group(request)
+            if data.ffcv_order == "quasi_random":
+                raise DataError("data.ffcv_order='quasi_random' is not supported by FFCV with several "
+                                "processes (world_size > 1); use data.ffcv_order='random'")
         self._QuasiRandom = QuasiRandom
         self._Compiler = Compiler
         self._EpochIterator = _guarded_epoch_iterator(EpochIterator)
-        self.num_workers = _usable_workers(spec.num_workers)
+        self.num_workers = _usable_workers(data.num_workers)
 
-        S = spec.img_size
-        if spec.train:
-            image_ops = [decoders.RandomResizedCropRGBImageDecoder((S, S), scale=(spec.min_scale, spec.max_scale),
+        S = request.img_size
+        if request.train:
+            image_ops = [decoders.RandomResizedCropRGBImageDecoder((S, S), scale=(data.min_scale, data.max_scale),
                                                                    ratio=CROP_RATIO),
                          transforms.RandomHorizontalFlip()]
         else:
-            image_ops = [decoders.CenterCropRGBImageDecoder((S, S), ratio=S / spec.eval_resize)]
+            image_ops = [decoders.CenterCropRGBImageDecoder((S, S), ratio=S / data.eval_resize)]
         # No NormalizeImage here: the step normalises on the device (and NormalizeImage after ToDevice
         # hangs FFCV on a CPU device).
-        image_ops += [transforms.ToTensor(), transforms.ToDevice(spec.device, non_blocking=True),
+        image_ops += [transforms.ToTensor(), transforms.ToDevice(request.device, non_blocking=True),
                       transforms.ToTorchImage(channels_last=True)]
         # Squeeze(1), not Squeeze(): a batch of one must stay shape (1,)
         label_ops = [decoders.IntDecoder(), transforms.ToTensor(), transforms.Squeeze(1),
-                     transforms.ToDevice(spec.device, non_blocking=True)]
+                     transforms.ToDevice(request.device, non_blocking=True)]
 
-        self._num_samples = n_total = self._check_file(path)
+        self._num_samples = n_total = self._check_file(path, key)
         OrderOption = loader_mod.OrderOption
-        if spec.train:
-            order = OrderOption.QUASI_RANDOM if spec.ffcv_order == "quasi_random" else OrderOption.RANDOM
+        if request.train:
+            order = OrderOption.QUASI_RANDOM if data.ffcv_order == "quasi_random" else OrderOption.RANDOM
             indices = None
         else:
             order = OrderOption.SEQUENTIAL
-            indices = np.arange(spec.rank, n_total, spec.world_size, dtype=np.uint64)
+            indices = np.arange(request.rank, n_total, request.world_size, dtype=np.uint64)
             if len(indices) == 0:
-                raise ValueError(f"'{path}' has {n_total} samples, fewer than world_size={spec.world_size}")
+                raise DataError(f"{key}='{path}' has {n_total} samples, fewer than the {request.world_size} ranks")
 
         try:
             self._loader = loader_mod.Loader(
-                str(path), batch_size=spec.batch_size, num_workers=self.num_workers, os_cache=spec.ffcv_os_cache,
-                order=order, distributed=distributed, seed=spec.seed, indices=indices,
-                pipelines={"image": image_ops, "label": label_ops}, drop_last=spec.train,
-                batches_ahead=max(1, spec.prefetch))
+                str(path), batch_size=request.batch_size, num_workers=self.num_workers, os_cache=data.ffcv_os_cache,
+                order=order, distributed=distributed, seed=request.seed, indices=indices,
+                pipelines={"image": image_ops, "label": label_ops}, drop_last=request.train,
+                batches_ahead=max(1, data.prefetch))
         finally:
             torch.set_num_threads(threads)
-        if spec.train:
+        if request.train:
             self._len = len(self._loader)
             if self._len == 0:
-                raise ValueError(f"'{path}': {self._num_samples} images give no full batch of {spec.batch_size} "
-                                 f"per rank on {spec.world_size} rank(s); lower train.batch_size")
+                raise request.no_full_batch(str(path), self._num_samples)
         else:
             self._count_eval_batches(self._num_samples)
 
     # -- helpers --------------------------------------------------------------------------------
     @staticmethod
-    def _check_process_group(spec: LoaderSpec) -> None:
+    def _check_process_group(request: LoaderRequest) -> None:
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(f"FFCV training with world_size={spec.world_size} needs torch.distributed "
+            raise RuntimeError(f"FFCV training with world_size={request.world_size} needs torch.distributed "
                                "initialised (init_process_group) before the loader is built")
-        if (dist.get_rank(), dist.get_world_size()) != (spec.rank, spec.world_size):
-            raise RuntimeError(f"loader spec says rank {spec.rank}/{spec.world_size} but the process group "
-                               f"says {dist.get_rank()}/{dist.get_world_size()}")
+        if (dist.get_rank(), dist.get_world_size()) != (request.rank, request.world_size):
+            raise RuntimeError(f"loader request says rank {request.rank}/{request.world_size} but the process "
+                               f"group says {dist.get_rank()}/{dist.get_world_size()}")
 
     @staticmethod
-    def _check_file(path: Path) -> int:
-        """Number of samples, after checking the file is an FFCV file with fdfast-convert's fields."""
+    def _check_file(path: Path, key: str) -> int:
+        """Number of samples, after checking the file is a whole FFCV file with fdfast-convert's fields."""
         from ffcv.reader import Reader
 
+        rebuild = f"rebuild it with fdfast-convert IMAGE_FOLDER {path}"
         try:
             reader = Reader(str(path))
         except Exception as e:  # noqa: BLE001 - FFCV fails in many ways on a foreign or truncated file
-            raise ValueError(f"'{path}' is not a readable FFCV file ({type(e).__name__}: {e}); "
-                             "rebuild it with fdfast-convert") from e
+            raise DataError(f"{key}='{path}' is not a readable FFCV file ({type(e).__name__}: {e}); "
+                            f"{rebuild}") from None
         missing = {"image", "label"} - set(reader.handlers)
         if missing:
-            raise ValueError(f"'{path}' lacks the field(s) {sorted(missing)}; fdfast expects the 'image' and "
-                             "'label' fields written by fdfast-convert")
+            raise DataError(f"{key}='{path}' lacks the field(s) {sorted(missing)}; fdfast expects the 'image' and "
+                            f"'label' fields written by fdfast-convert: {rebuild}")
+        table = reader.alloc_table
+        end = int((table["ptr"] + table["size"]).max()) if len(table) else 0
+        if end > path.stat().st_size:    # reading past the end of a memory-mapped file is a SIGBUS, not an error
+            raise DataError(f"{key}='{path}' is truncated ({path.stat().st_size} bytes, its samples reach byte "
+                            f"{end}); {rebuild}")
         return int(reader.num_samples)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -241,10 +246,10 @@ class FFCVLoader(CountedLoader):
         return self._num_samples
 
     def __iter__(self):
-        spec, bs = self.spec, self.spec.batch_size
+        bs = self.request.batch_size
         epoch, start = self._begin_pass()
         order = self.epoch_order(epoch)
-        if spec.train:
+        if self.request.train:
             order = order[: self._len * bs]               # drop_last, equal on every rank
         order = order[start * bs:]
         emitted = start

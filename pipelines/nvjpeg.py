@@ -16,7 +16,9 @@ Pipeline per batch:
 Files nvJPEG cannot decode (PNG and other formats, CMYK/YCCK JPEGs, lossless/arithmetic-coded JPEGs)
 are decoded on the CPU with PIL ``convert('RGB')`` exactly like the reference backend; grayscale
 JPEGs are decoded to 3 channels. Sharding, ``len``, ``set_epoch`` and eval padding (``label = -1``)
-come from :mod:`pipelines.torchvision`'s sampler, imported, not copied.
+come from :mod:`pipelines.torchvision`'s sampler, imported, not copied. A file neither decoder accepts is
+handled as ``data.on_bad_image`` says (:class:`pipelines.base.BadImages`); its replacement in training
+(the next readable file in folder order) is decoded on the CPU.
 
 On a CPU device the same code runs with CPU decoding (libjpeg-turbo); that is how the tests run it.
 """
@@ -33,8 +35,13 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 
-from .base import CROP_RATIO, LoaderSpec
+from fdfast.config.data import DataConfig
+
+from .base import CROP_RATIO, LoaderRequest
+from .folder import next_readable, why_undecodable
 from .torchvision import _ShardedFolderLoader
 
 _END = object()
@@ -85,15 +92,13 @@ def _read(path: str) -> bytearray:
     return buf
 
 
-def _pil_decode(buf: bytearray, path: str) -> torch.Tensor:
-    from PIL import Image  # noqa: PLC0415
-
-    try:
-        img = Image.open(io.BytesIO(bytes(buf))).convert("RGB")
-    except Exception as e:  # name the file, as the reference backend does
-        raise RuntimeError(f"cannot decode image {path}: {e}; remove or replace the file "
-                           "(`fdfast-convert` lists every unreadable file of a folder)") from e
+def _pil_decode(buf: bytearray) -> torch.Tensor:
+    img = Image.open(io.BytesIO(bytes(buf))).convert("RGB")
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+
+def _pil_decode_file(path: str) -> torch.Tensor:
+    return _pil_decode(_read(path))
 
 
 def rrc_params(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -123,11 +128,12 @@ def rrc_params(height: int, width: int, scale: tuple[float, float], ratio: tuple
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def train_params(height: int, width: int, sample_seed: int, spec: LoaderSpec) -> tuple[int, int, int, int, bool]:
+def train_params(height: int, width: int, sample_seed: int, scale: tuple[float, float]
+                 ) -> tuple[int, int, int, int, bool]:
     """Crop box and flip of one training sample: RandomResizedCrop then RandomHorizontalFlip(0.5),
     drawn from a generator seeded with the sample's seed (reference: ``torch.manual_seed(seed)``)."""
     g = torch.Generator().manual_seed(sample_seed)
-    i, j, h, w = rrc_params(height, width, (spec.min_scale, spec.max_scale), CROP_RATIO, g)
+    i, j, h, w = rrc_params(height, width, scale, CROP_RATIO, g)
     flip = bool(torch.rand(1, generator=g) < 0.5)
     return i, j, h, w, flip
 
@@ -149,29 +155,23 @@ def _to_uint8_(x: torch.Tensor) -> torch.Tensor:
 
 
 class NvJPEGLoader(_ShardedFolderLoader):
-    def __init__(self, spec: LoaderSpec):
-        if spec.auto_augment:
-            raise ValueError("data.backend='nvjpeg' does not implement RandAugment (data.auto_augment); "
-                             "use data.backend=torchvision for fine-tuning with RandAugment")
-        if spec.interpolation not in ("bilinear", "bicubic"):
-            raise ValueError(f"data.interpolation={spec.interpolation!r}: nvjpeg supports bilinear or bicubic")
-        dev = torch.device(spec.device)
+    def __init__(self, data: DataConfig, request: LoaderRequest):
+        dev = request.device
         if dev.type == "cuda" and dev.index is None:  # the producer thread needs an explicit index
             dev = torch.device("cuda", torch.cuda.current_device())
         self.device = dev
-        super().__init__(spec, None)  # the folder and its sampler: order, shards, seeds, eval padding
-        self.samples = self.dataset.folder.samples
-        self.num_threads = max(1, spec.num_workers)
-        self.prefetch = max(1, spec.prefetch)
+        super().__init__(data, request)  # the folder and its sampler: order, shards, seeds, eval padding
+        self.num_threads = max(1, data.num_workers)
+        self.prefetch = max(1, data.prefetch)
         self.stats = {"decode_jpeg": 0, "pil_fallback": 0}  # images per decoder (nvJPEG on CUDA)
 
     # -- loader contract (len, set_epoch, num_samples, classes: _ShardedFolderLoader) --------------
     def __iter__(self):
         items = list(self.sampler)  # (index, sample_seed); honours start_batch
         self.sampler.start = 0
-        bs = self.spec.batch_size
+        bs = self.request.batch_size
         batches = [items[k:k + bs] for k in range(0, len(items), bs)]
-        if self.spec.train:
+        if self.request.train:
             batches = [b for b in batches if len(b) == bs]
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
@@ -228,10 +228,10 @@ class NvJPEGLoader(_ShardedFolderLoader):
                         batch = next(todo, None)
                         if batch is None:
                             break
-                        paths = [self.samples[max(idx, 0)][0] for idx, _ in batch]
-                        pending.append((batch, [pool.submit(_read, p) for p in paths]))
+                        pending.append((batch, [pool.submit(_read, self.samples[idx][0]) if idx >= 0 else None
+                                                for idx, _ in batch]))
                     batch, futures = pending.popleft()
-                    datas = [f.result() for f in futures]
+                    datas = [f.result() if f is not None else None for f in futures]
                     if stop.is_set():
                         return
                     if stream is not None:
@@ -249,18 +249,19 @@ class NvJPEGLoader(_ShardedFolderLoader):
             self._put(q, _Failure(e), stop)
 
     # -- decode + augment ----------------------------------------------------------------------------
-    def decode(self, datas: list[bytearray], paths: list[str]) -> list[torch.Tensor]:
-        """uint8 (3, H, W) images on the loader's device; nvJPEG (batched) where it applies."""
+    def decode(self, datas: list[Optional[bytearray]], paths: list[str]
+               ) -> tuple[list[Optional[torch.Tensor]], list[tuple[str, str]]]:
+        """uint8 (3, H, W) images on the loader's device, nvJPEG (batched) where it applies, and the
+        ``(path, reason)`` of the files neither nvJPEG nor PIL decodes (``None`` in their place, as for
+        the eval padding entries, whose data is ``None``)."""
         dev = self.device
         out: list[Optional[torch.Tensor]] = [None] * len(datas)
         fast = []
         for k, buf in enumerate(datas):
-            hdr = jpeg_header(buf)
+            hdr = jpeg_header(buf) if buf is not None else None
             if hdr is not None and hdr[0] in _NVJPEG_SOF and hdr[3] in (1, 3):
                 fast.append(k)
         if fast:
-            from torchvision.io import ImageReadMode, decode_jpeg  # noqa: PLC0415
-
             tensors = [torch.frombuffer(datas[k], dtype=torch.uint8) for k in fast]
             try:
                 decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=dev)
@@ -274,33 +275,51 @@ class NvJPEGLoader(_ShardedFolderLoader):
             for k, img in zip(fast, decoded):
                 if img is not None:
                     out[k] = img.expand(3, -1, -1) if img.shape[0] == 1 else img
-        n_fast = sum(o is not None for o in out)
+        self.stats["decode_jpeg"] += sum(o is not None for o in out)
+        bad = []
         for k, img in enumerate(out):
-            if img is None:
-                out[k] = _pil_decode(datas[k], paths[k]).to(dev, non_blocking=True)
-        self.stats["decode_jpeg"] += n_fast
-        self.stats["pil_fallback"] += len(out) - n_fast
-        return out  # type: ignore[return-value]
+            if img is None and datas[k] is not None:
+                try:
+                    out[k] = _pil_decode(datas[k]).to(dev, non_blocking=True)
+                    self.stats["pil_fallback"] += 1
+                except Exception as e:  # noqa: BLE001 - any failure: a bad file, handled by data.on_bad_image
+                    bad.append((paths[k], why_undecodable(paths[k], e)))
+        return out, bad
 
-    def _decode_batch(self, batch: list[tuple[int, int]], datas: list[bytearray]):
-        s = self.spec
+    def _decode_batch(self, batch: list[tuple[int, int]], datas: list[Optional[bytearray]]):
+        r, data = self.request, self.data
         dev = self.device
-        paths = [self.samples[max(idx, 0)][0] for idx, _ in batch]
-        labels = torch.tensor([self.samples[idx][1] if idx >= 0 else -1 for idx, _ in batch], dtype=torch.int64)
-        imgs = self.decode(datas, paths)
-        size = s.img_size
-        nhwc = torch.empty((len(batch), size, size, 3), dtype=torch.uint8, device=dev)
+        indices = [idx for idx, _ in batch]
+        paths = [self.samples[idx][0] if idx >= 0 else "" for idx in indices]
+        labels = [self.samples[idx][1] if idx >= 0 else -1 for idx in indices]
+        imgs, bad = self.decode(datas, paths)
+        self.bad_images.handle(bad)                  # error: raises, naming them
+        for k in range(len(batch) if bad else 0):
+            if imgs[k] is not None or indices[k] < 0:
+                continue
+            if r.train:                              # skip: the slot takes the next readable file
+                found: list[tuple[str, str]] = []
+                j, img = next_readable(self.samples, indices[k] + 1, _pil_decode_file, found)
+                self.bad_images.handle(found)
+                imgs[k], labels[k] = img.to(dev, non_blocking=True), self.samples[j][1]
+            else:                                    # skip in evaluation: padding, not counted
+                labels[k] = -1
+        size = r.img_size
+        nhwc = torch.zeros((len(batch), size, size, 3), dtype=torch.uint8, device=dev)
         out = nhwc.permute(0, 3, 1, 2)  # channels-last (B, 3, S, S) view
         for b, (img, (_, seed)) in enumerate(zip(imgs, batch)):
+            if img is None:                          # eval padding: black
+                continue
             h, w = img.shape[-2:]
-            if s.train:
-                i, j, ch, cw, flip = train_params(h, w, seed, s)
+            if r.train:
+                i, j, ch, cw, flip = train_params(h, w, seed, (data.min_scale, data.max_scale))
                 x = img[:, i:i + ch, j:j + cw].unsqueeze(0).float()
-                x = F.interpolate(x, size=(size, size), mode=s.interpolation, align_corners=False, antialias=True)
+                x = F.interpolate(x, size=(size, size), mode=data.interpolation, align_corners=False,
+                                  antialias=True)
                 if flip:
                     x = x.flip(-1)
             else:
-                nh, nw, top, left = eval_geometry(h, w, s.eval_resize, size)
+                nh, nw, top, left = eval_geometry(h, w, data.eval_resize, size)
                 x = img.unsqueeze(0).float()
                 if (nh, nw) != (h, w):
                     x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
@@ -311,4 +330,4 @@ class NvJPEGLoader(_ShardedFolderLoader):
                     top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
                 x = x[..., top:top + size, left:left + size]
             out[b].copy_(_to_uint8_(x[0]))
-        return out, labels.to(dev, non_blocking=True)
+        return out, torch.tensor(labels, dtype=torch.int64).to(dev, non_blocking=True)

@@ -1,4 +1,4 @@
-"""Reference backend: torchvision ImageFolder + PIL transforms in DataLoader workers (CPU decode).
+"""Reference backend: PIL decode + torchvision transforms in DataLoader workers (CPU).
 
 Semantics every faster backend must match:
 
@@ -9,28 +9,29 @@ Semantics every faster backend must match:
 Determinism: the sampler permutes indices from ``(seed, epoch)`` and hands each sample its own
 seed, so augmentations do not depend on worker count or scheduling, and ``set_epoch(e, k)`` resumes
 exactly at batch k. Sharding: rank r takes every world-th index; training drops the remainder so all
-ranks have equal length; evaluation pads with ``label = -1`` entries that metrics must ignore, so
-nothing is counted twice.
+ranks have equal length; evaluation pads with black images labelled -1 that metrics must ignore, so
+nothing is counted twice. A file PIL cannot decode is handled as ``data.on_bad_image`` says
+(:class:`pipelines.base.BadImages`): the worker reports it with the batch, the loader raises or logs it.
 """
 from __future__ import annotations
 
 import math
 import random
-from pathlib import Path
 
 import torch
+from PIL import Image
+from timm.data import auto_augment as aa
+from timm.data.transforms import str_to_pil_interp
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms as T
+from torchvision.datasets.folder import pil_loader
 
-from .base import CROP_RATIO, LoaderSpec
+from fdfast.config.data import DataConfig
 
-_INTERP = {"bilinear": "BILINEAR", "bicubic": "BICUBIC"}
+from .base import CROP_RATIO, BadImages, LoaderRequest
+from .folder import list_image_folder, next_readable, why_undecodable
 
-
-def _pil_loader(path: str):
-    from PIL import Image  # noqa: PLC0415
-
-    with open(path, "rb") as f:
-        return Image.open(f).convert("RGB")
+_INTERP = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
 
 
 def _posterize(img, bits_to_keep, **kwargs):
@@ -40,70 +41,63 @@ def _posterize(img, bits_to_keep, **kwargs):
     ~2 % of posterize draws. Older Pillow returned a black image for 0 bits (what the official
     fine-tuning saw); current Pillow raises ValueError, which kills the DataLoader worker.
     """
-    from PIL import Image  # noqa: PLC0415
-    from timm.data.auto_augment import posterize  # noqa: PLC0415
-
     if bits_to_keep <= 0:
         return Image.new(img.mode, img.size)
-    return posterize(img, bits_to_keep, **kwargs)
+    return aa.posterize(img, bits_to_keep, **kwargs)
 
 
-def build_rand_augment(spec: LoaderSpec):
+def build_rand_augment(spec: str, img_size: int, interpolation: str):
     """timm RandAugment with the hyper-parameters of timm's ``transforms_imagenet_train`` (the official
     fine-tune transform): translate 45 % of the crop, fill with the ImageNet mean, and the configured
     interpolation for the geometric ops (bicubic in the fine-tune configs; timm picks at random
     when none is given)."""
-    from timm.data import auto_augment as aa  # noqa: PLC0415
-    from timm.data.transforms import str_to_pil_interp  # noqa: PLC0415
-
-    hparams = dict(translate_const=int(spec.img_size * 0.45), img_mean=(124, 116, 104),
-                   interpolation=str_to_pil_interp(spec.interpolation))
-    ra = aa.rand_augment_transform(spec.auto_augment, hparams)
+    hparams = dict(translate_const=int(img_size * 0.45), img_mean=(124, 116, 104),
+                   interpolation=str_to_pil_interp(interpolation))
+    ra = aa.rand_augment_transform(spec, hparams)
     for op in ra.ops:
         if op.aug_fn is aa.posterize:
             op.aug_fn = _posterize
     return ra
 
 
-def build_transform(spec: LoaderSpec):
+def build_transform(data: DataConfig, *, train: bool, img_size: int):
     """PIL -> uint8 CHW tensor, with the contract's augmentation semantics."""
-    from torchvision import transforms as T  # noqa: PLC0415
-
-    interp = getattr(T.InterpolationMode, _INTERP[spec.interpolation])
-    if spec.train:
-        ops = [T.RandomResizedCrop(spec.img_size, scale=(spec.min_scale, spec.max_scale), ratio=CROP_RATIO,
-                                   interpolation=interp),
+    if train:
+        ops = [T.RandomResizedCrop(img_size, scale=(data.min_scale, data.max_scale), ratio=CROP_RATIO,
+                                   interpolation=_INTERP[data.interpolation]),
                T.RandomHorizontalFlip(0.5)]
-        if spec.auto_augment:
-            ops.append(build_rand_augment(spec))
+        if data.auto_augment:
+            ops.append(build_rand_augment(data.auto_augment, img_size, data.interpolation))
     else:
-        ops = [T.Resize(spec.eval_resize, interpolation=T.InterpolationMode.BICUBIC),
-               T.CenterCrop(spec.img_size)]
+        ops = [T.Resize(data.eval_resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size)]
     return T.Compose(ops + [T.PILToTensor()])
 
 
 class _Folder(Dataset):
-    def __init__(self, root: str, transform):
-        from torchvision.datasets import ImageFolder  # noqa: PLC0415
+    """``(image, label, bad files met)`` per ``(index, sample seed)``; index -1 is eval padding."""
 
-        if not Path(root).is_dir():
-            raise FileNotFoundError(f"image folder {root!r} does not exist (data.train / data.val)")
-        self.folder = ImageFolder(root, loader=_pil_loader)
-        if len(self.folder) == 0:
-            raise ValueError(f"image folder {root!r} holds no images")
-        self.transform = transform
+    def __init__(self, samples: list[tuple[str, int]], transform, request: LoaderRequest, skip: bool):
+        self.samples, self.transform = samples, transform
+        self.train, self.skip, self.size = request.train, skip, request.img_size
 
     def __len__(self) -> int:
-        return len(self.folder)
+        return len(self.samples)
+
+    def blank(self) -> torch.Tensor:
+        return torch.zeros((3, self.size, self.size), dtype=torch.uint8)
 
     def __getitem__(self, item: tuple[int, int]):
         index, sample_seed = item
-        path, label = self.folder.samples[max(index, 0)]
+        bad: list[tuple[str, str]] = []
+        if index < 0:
+            return self.blank(), -1, bad
         try:
-            img = _pil_loader(path)
-        except Exception as e:  # name the file: a bare PIL error says nothing about which image
-            raise RuntimeError(f"cannot decode image {path}: {e}; remove or replace the file "
-                               "(`fdfast-convert` lists every unreadable file of a folder)") from e
+            img = pil_loader(self.samples[index][0])
+        except Exception as e:  # noqa: BLE001 - reported to the loader, which applies data.on_bad_image
+            bad.append((self.samples[index][0], why_undecodable(self.samples[index][0], e)))
+            if not (self.skip and self.train):
+                return self.blank(), -1, bad
+            index, img = next_readable(self.samples, index + 1, pil_loader, bad)
         # per-sample RNG: augmentation depends on (seed, epoch, index) only
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed)
@@ -113,84 +107,94 @@ class _Folder(Dataset):
                 x = self.transform(img)
             finally:
                 random.setstate(py_state)
-        return x, (label if index >= 0 else -1)
+        return x, self.samples[index][1], bad
+
+
+def _collate(batch):
+    images, labels, bad = zip(*batch)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), [b for found in bad for b in found]
 
 
 class _ShardSampler(Sampler):
-    def __init__(self, n: int, spec: LoaderSpec):
-        self.n, self.spec = n, spec
+    def __init__(self, n: int, request: LoaderRequest):
+        self.n, self.request = n, request
         self.epoch, self.start = 0, 0
-        w, bs = spec.world_size, spec.batch_size
-        if spec.train:
-            self.per_rank = (n // w) // bs * bs
-        else:
-            self.per_rank = math.ceil(n / w)
+        w, bs = request.world_size, request.batch_size
+        self.per_rank = (n // w) // bs * bs if request.train else math.ceil(n / w)
 
     def indices(self) -> list[int]:
-        s = self.spec
-        if s.train:
-            g = torch.Generator().manual_seed(s.seed * 1_000_003 + self.epoch)
+        r = self.request
+        if r.train:
+            g = torch.Generator().manual_seed(r.seed * 1_000_003 + self.epoch)
             order = torch.randperm(self.n, generator=g).tolist()
         else:
-            order = list(range(self.n))
-            order += [-1] * (self.per_rank * s.world_size - self.n)
-        return order[s.rank::s.world_size][: self.per_rank]
+            order = list(range(self.n)) + [-1] * (self.per_rank * r.world_size - self.n)
+        return order[r.rank::r.world_size][: self.per_rank]
 
     def __iter__(self):
-        base = (self.spec.seed * 1_000_003 + self.epoch) * 10_000_019
-        idx = self.indices()[self.start * self.spec.batch_size:]
+        base = (self.request.seed * 1_000_003 + self.epoch) * 10_000_019
+        idx = self.indices()[self.start * self.request.batch_size:]
         return iter([(i, base + i) for i in idx])
 
     def __len__(self) -> int:
-        return self.per_rank - self.start * self.spec.batch_size
+        return self.per_rank - self.start * self.request.batch_size
 
 
 class _ShardedFolderLoader:
     """The contract's bookkeeping shared by the ImageFolder backends (this one and ``pipelines.nvjpeg``):
-    the folder, its :class:`_ShardSampler` (order, shards, per-sample seeds, eval padding), and ``len``,
-    ``set_epoch``, ``num_samples`` and ``classes`` derived from them."""
+    the folder listing, its :class:`_ShardSampler` (order, shards, per-sample seeds, eval padding), the
+    bad-image policy, and ``len``, ``set_epoch``, ``num_samples`` and ``classes`` derived from them."""
 
-    def __init__(self, spec: LoaderSpec, transform):
-        self.spec = spec
-        self.dataset = _Folder(spec.path, transform)
-        self.sampler = _ShardSampler(len(self.dataset), spec)
-        if spec.train and self.sampler.per_rank == 0:
-            raise ValueError(f"{spec.path}: {len(self.dataset)} images give no full batch of {spec.batch_size} "
-                             f"on each of {spec.world_size} ranks; lower train.batch_size")
+    def __init__(self, data: DataConfig, request: LoaderRequest):
+        self.data, self.request = data, request
+        path = request.source(data)
+        self.listing = list_image_folder(path, request.key)
+        self.samples = self.listing.samples
+        self.bad_images = BadImages(data.on_bad_image, path, request.key)
+        self.sampler = _ShardSampler(len(self.samples), request)
+        if request.train and self.sampler.per_rank == 0:
+            raise request.no_full_batch(path, len(self.samples))
 
     @property
     def num_samples(self) -> int:
-        return len(self.dataset)
+        return len(self.samples)
 
     @property
     def classes(self) -> list[str]:
-        return self.dataset.folder.classes
+        return self.listing.classes
+
+    @property
+    def skipped_images(self) -> int:
+        return self.bad_images.count
 
     def __len__(self) -> int:
-        per = self.sampler.per_rank
-        return per // self.spec.batch_size if self.spec.train else math.ceil(per / self.spec.batch_size)
+        per, bs = self.sampler.per_rank, self.request.batch_size
+        return per // bs if self.request.train else math.ceil(per / bs)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.epoch, self.sampler.start = epoch, start_batch
 
 
 class TorchvisionLoader(_ShardedFolderLoader):
-    def __init__(self, spec: LoaderSpec):
-        super().__init__(spec, build_transform(spec))
-        workers = max(0, spec.num_workers)
+    def __init__(self, data: DataConfig, request: LoaderRequest):
+        super().__init__(data, request)
+        dataset = _Folder(self.samples, build_transform(data, train=request.train, img_size=request.img_size),
+                          request, self.bad_images.skip)
+        workers = data.num_workers
         self.loader = DataLoader(
-            self.dataset, batch_size=spec.batch_size, sampler=self.sampler, num_workers=workers,
-            pin_memory=spec.device.type == "cuda", drop_last=spec.train,
-            persistent_workers=workers > 0, prefetch_factor=spec.prefetch if workers > 0 else None,
+            dataset, batch_size=request.batch_size, sampler=self.sampler, num_workers=workers,
+            collate_fn=_collate, pin_memory=request.device.type == "cuda", drop_last=request.train,
+            persistent_workers=workers > 0, prefetch_factor=data.prefetch if workers > 0 else None,
             # DataLoader draws a worker base seed per iterator; from the global RNG that would shift
             # the training RNG stream (drop path) depending on where an epoch was resumed.
-            generator=torch.Generator().manual_seed(spec.seed))
+            generator=torch.Generator().manual_seed(request.seed))
 
     def __iter__(self):
-        dev = self.spec.device
+        dev = self.request.device
         try:
-            for images, labels in self.loader:
+            for images, labels, bad in self.loader:
+                self.bad_images.handle(bad)
                 images = images.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                yield images, labels.to(dev, non_blocking=True).long()
+                yield images, labels.to(dev, non_blocking=True)
         finally:
             self.sampler.start = 0

@@ -1,5 +1,6 @@
-"""Shared pieces of the FFCV / DALI / converter tests: generated folders whose pixels can be checked,
-a torchvision reference for evaluation crops, and measurements of what a training crop did."""
+"""Shared pieces of the loader and converter tests: building a loader from a ``data`` section, generated
+folders whose pixels can be checked (and photo-like ones, and damaged ones), a torchvision reference for
+evaluation crops, and measurements of what a training crop did."""
 from __future__ import annotations
 
 import contextlib
@@ -8,9 +9,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
+from fdfast.config.data import DataConfig
+from pipelines import build_loader, check_batch
 from pipelines.generate import make_image_folder
+
+CPU = torch.device("cpu")
+
+
+def make_loader(backend: str, path, *, train: bool = True, batch_size: int = 8, img_size: int = 32, device=CPU,
+                rank: int = 0, world_size: int = 1, seed: int = 0, **data):
+    """``pipelines.build_loader`` for ``path`` (as data.train and data.val) with the other ``data`` fields."""
+    cfg = DataConfig(backend=backend, train=str(path), val=str(path), **data)
+    return build_loader(cfg, train=train, batch_size=batch_size, img_size=img_size, device=device, rank=rank,
+                        world_size=world_size, seed=seed)
 
 # Mixed folder: sizes above and below the 224 crop, portrait and landscape, grayscale JPEGs, RGBA PNGs.
 MIXED_SIZES = ((96, 128), (160, 120), (256, 300), (64, 64), (300, 230))
@@ -43,6 +56,49 @@ def make_coordinate_folder(root: Path) -> Path:
             img[..., 2] = ID_STEP * n + 2
             Image.fromarray(img).save(d / f"i{i:02d}.png")
             n += 1
+    return Path(root)
+
+
+# Photo-like test images: smooth colour fields, sharp-edged shapes, fine grain; JPEG q90 at the
+# commonest ImageNet shapes (w x h) and two others.
+PHOTO_SHAPES = ((500, 375), (375, 500), (333, 500), (500, 500), (640, 480))
+
+
+def _photo(rng: np.random.Generator, w: int, h: int) -> Image.Image:
+    small = rng.uniform(0, 255, size=(6, 8, 3)).astype(np.uint8)
+    img = Image.fromarray(small).resize((w, h), Image.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(12):
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+        box = [x0, y0, x0 + int(rng.integers(10, w // 2)), y0 + int(rng.integers(10, h // 2))]
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+    grain = rng.normal(0, 12, size=(h, w, 3))
+    return Image.fromarray(np.clip(np.asarray(img.filter(ImageFilter.GaussianBlur(1.2))) + grain, 0, 255)
+                           .astype(np.uint8))
+
+
+def make_photo_folder(root: Path, per_shape: int = 2) -> Path:
+    """One class folder of ``per_shape`` photo-like JPEGs per PHOTO_SHAPES entry."""
+    rng = np.random.default_rng(0)
+    d = Path(root) / "photos"
+    d.mkdir(parents=True, exist_ok=True)
+    for w, h in PHOTO_SHAPES:
+        for i in range(per_shape):
+            _photo(rng, w, h).save(d / f"{w}x{h}_{i}.jpg", quality=90)
+    return Path(root)
+
+
+# A folder with the three kinds of damage the loaders meet: a truncated JPEG, an empty file, a text file
+# named .jpg (sorted names: they sit among the good files of both classes).
+BAD_NAMES = ("class_000/img_0002b_truncated.jpg", "class_001/img_0001b_empty.jpg", "class_001/img_0003b_text.jpg")
+
+
+def make_damaged_folder(root: Path, per_class: int = 6) -> Path:
+    make_image_folder(root, num_classes=2, per_class=per_class, sizes=((48, 40), (40, 56)))
+    data = (Path(root) / "class_000" / "img_0000.jpg").read_bytes()
+    for name, content in zip(BAD_NAMES, (data[:len(data) // 2], b"", b"this is text, not a JPEG\n")):
+        (Path(root) / name).write_bytes(content)
     return Path(root)
 
 
@@ -106,13 +162,9 @@ def ffcv_rank_worker(rank: int, world: int, init_file: str, beton: str, out_dir:
     it read in two epochs (and its len) to ``out_dir/rank{rank}.pt``."""
     import torch.distributed as dist
 
-    from pipelines import LoaderSpec, build_loader_from_spec, check_batch
-
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        spec = LoaderSpec(path=beton, train=True, batch_size=8, img_size=32, device=torch.device("cpu"),
-                          rank=rank, world_size=world, seed=3, num_workers=1)
-        loader = build_loader_from_spec("ffcv", spec)
+        loader = make_loader("ffcv", beton, rank=rank, world_size=world, seed=3, num_workers=1)
         result = {"len": len(loader), "epochs": []}
         for epoch in (0, 1):
             loader.set_epoch(epoch)

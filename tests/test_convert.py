@@ -19,6 +19,7 @@ from ffcv.reader import Reader
 
 from _loader_helpers import hang_guard, hide_package, make_mixed_folder
 from fdfast.cli import convert as C
+from pipelines import ffcv_writer as W
 from pipelines.generate import make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +32,8 @@ def run(argv, capsys) -> tuple[int, str, str]:
 
 
 def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in Path(folder).glob("*.tmp-*")) if Path(folder).exists() else []
+    """Temporary files of unfinished outputs (``atomic_write`` names them ``.<name>.<pid>.<token>.tmp``)."""
+    return sorted(p.name for p in Path(folder).glob(".*.tmp")) if Path(folder).exists() else []
 
 
 def field(reader: Reader, name: str) -> np.ndarray:
@@ -124,7 +126,7 @@ def test_unusable_source_is_one_clear_line(case, tmp_path, capsys):
         (src / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     rc, out, err = run([src, tmp_path / "o.beton", "--num-workers", "1"], capsys)
     expected = {"missing": "does not exist", "empty": "has no class sub-folders",
-                "no_images": "no images", "all_bad": "none of the 1 images"}[case]
+                "no_images": "holds no images", "all_bad": "none of the 1 images"}[case]
     assert rc == 2
     lines = [line for line in err.splitlines() if line.startswith("fdfast-convert: error:")]
     assert len(lines) == 1 and expected in lines[0], err
@@ -155,12 +157,12 @@ def test_max_images_takes_a_spread_deterministic_subset(split_root, tmp_path, ca
     np.testing.assert_array_equal(field(Reader(str(tmp_path / "a.beton")), "label"), [0, 0, 1, 1, 2, 3])
     assert sample_bytes(tmp_path / "a.beton") == sample_bytes(tmp_path / "b.beton")
     samples = [(f"c{c}/{i}", c) for c in range(3) for i in range(4)]
-    assert C.spread_subset(samples, 4) == [("c0/0", 0), ("c0/1", 0), ("c1/0", 1), ("c2/0", 2)]
+    assert W.spread_subset(samples, 4) == [("c0/0", 0), ("c0/1", 0), ("c1/0", 1), ("c2/0", 2)]
 
 
 def test_interrupt_while_writing_removes_the_partial_file(split_root, tmp_path, capsys, monkeypatch):
     def interrupted(self, allocations):
-        assert Path(self.fname).exists() and ".tmp-" in self.fname   # all pages written, header not yet
+        assert Path(self.fname).exists() and self.fname.endswith(".tmp")   # all pages written, header not yet
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ffcv.writer.DatasetWriter, "finalize", interrupted)
@@ -170,17 +172,17 @@ def test_interrupt_while_writing_removes_the_partial_file(split_root, tmp_path, 
 
 
 def test_a_dying_writer_worker_fails_the_run_instead_of_hanging(split_root, tmp_path, monkeypatch):
-    original = C.FolderSamples.__getitem__
+    original = W.FolderSamples.__getitem__
 
     def crash(self, index):
         if index == 3:
             os._exit(7)             # a hard crash: no exception, no allocation table sent back
         return original(self, index)
 
-    monkeypatch.setattr(C.FolderSamples, "__getitem__", crash)
+    monkeypatch.setattr(W.FolderSamples, "__getitem__", crash)
     with hang_guard("the conversion hung after its worker died", seconds=60):
         with pytest.raises(RuntimeError, match="writer worker died"):
-            C.convert_folder(split_root / "val", tmp_path / "v.beton", num_workers=1)
+            W.convert_folder(split_root / "val", tmp_path / "v.beton", num_workers=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -203,7 +205,7 @@ def _start_and_kill_mid_write(src: Path, out: Path, sig: int) -> tuple[subproces
     proc = subprocess.Popen([sys.executable, "-m", "fdfast.cli.convert", str(src), str(out), "--num-workers", "1"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not list(out.parent.glob(out.name + ".tmp-*")):
+    while not leftovers(out.parent):
         assert proc.poll() is None, f"finished before it could be interrupted: {proc.communicate()}"
         assert time.monotonic() < deadline, "the temporary file never appeared"
         time.sleep(0.01)
@@ -224,8 +226,9 @@ def test_killed_conversion_leaves_no_beton(tmp_path, capsys):
 
     kill, pid = _start_and_kill_mid_write(src, out, signal.SIGKILL)
     assert kill.returncode == -signal.SIGKILL
-    assert not out.exists()                          # only a .tmp-<pid> remains: never a .beton
-    assert [p.name for p in out.parent.iterdir()] == [f"big.beton.tmp-{pid}"]
+    assert not out.exists()                          # only the killed run's temporary file remains: never a .beton
+    remains = [p.name for p in out.parent.iterdir()]
+    assert len(remains) == 1 and remains[0].startswith(f".big.beton.{pid}.") and remains[0].endswith(".tmp")
 
     # the next run removes the dead run's temporary file and writes a complete one
     rc, _, _ = run([src, out, "--max-images", "2", "--num-workers", "1"], capsys)
@@ -237,3 +240,20 @@ def test_missing_ffcv_is_one_line_with_the_install_command(split_root, tmp_path,
     hide_package(monkeypatch, "ffcv")
     rc, _, err = run([split_root / "val", tmp_path / "v.beton"], capsys)
     assert rc == 2 and "install_optional_deps.sh" in err and "Traceback" not in err
+
+
+def test_a_stop_request_is_acted_on_at_check_points():
+    """SIGTERM / Ctrl-C only set a flag: a KeyboardInterrupt raised by the handler could land in code run by
+    exec() of a string, which makes CPython exit with SIGINT (-2) although the CLI handled it and returned 130."""
+    previous = signal.getsignal(signal.SIGTERM)
+    with W.stop_on_signals():
+        W.check_stop()                               # nothing requested yet
+        os.kill(os.getpid(), signal.SIGTERM)
+        exec("x = sum(range(100000))", {})           # the handler runs here, and must not raise
+        with pytest.raises(W.Interrupted):
+            W.check_stop()
+        with pytest.raises(KeyboardInterrupt):       # a second request does not wait for a check point
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGTERM) is previous
+    W.check_stop()                                   # the request ends with its conversion

@@ -162,12 +162,11 @@ def test_official_randaugment_never_raises():
 
     from PIL import Image
 
-    from pipelines.base import LoaderSpec
+    from fdfast.config import DataConfig
     from pipelines.torchvision import build_transform
 
-    spec = LoaderSpec(path="", train=True, batch_size=1, img_size=32, device=torch.device("cpu"),
-                      auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic")
-    tf = build_transform(spec)
+    data = DataConfig(backend="torchvision", train="x", auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic")
+    tf = build_transform(data, train=True, img_size=32)
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
     random.seed(0)
     torch.manual_seed(0)

@@ -10,7 +10,9 @@ from .checks import need
 # Loader backends that run timm RandAugment per image (PIL in DataLoader workers). FFCV's numba
 # pipeline, DALI's graph, nvJPEG and synthetic batches have none.
 AUTO_AUGMENT_BACKENDS = ("torchvision",)
-
+# Backends whose evaluation crop is a centre crop of the resized image that cannot be padded (torchvision's
+# CenterCrop pads an image smaller than the crop; FFCV's decoder and the DALI graph do not).
+CENTER_CROP_BACKENDS = ("ffcv", "dali")
 
 
 @dataclass(kw_only=True)
@@ -48,9 +50,10 @@ class DataConfig:
     dali_hw_decoder_load: float = 0.65
     """DALI: share of JPEG decoding sent to the hardware decoder (tune per card)."""
     on_bad_image: Literal["error", "skip"] = "error"
-    """An image that cannot be decoded during training: stop with one line naming every bad file
-    found (error), or drop it, count it and log it (skip). `fdfast-convert --check-only` finds them
-    up front."""
+    """An image that cannot be decoded while loading (torchvision, nvjpeg, dali): stop with one line naming
+    every bad file found (error), or leave it out, count it and log it (skip: in training its slot in the
+    batch takes the next readable file, in evaluation it is not counted). `fdfast-convert --check-only`
+    finds them up front; FFCV files hold only images that decoded at conversion."""
 
     def __post_init__(self) -> None:
         need(0 < self.min_scale <= self.max_scale <= 1.0,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .checks import need
-from .data import AUTO_AUGMENT_BACKENDS, AugmentConfig, DataConfig
+from .data import AUTO_AUGMENT_BACKENDS, CENTER_CROP_BACKENDS, AugmentConfig, DataConfig
 from .model import ModelConfig, StudentConfig, TeacherConfig
 from .run import CheckpointConfig, CompileConfig, LogConfig, OptimConfig, TrainConfig
 
@@ -56,6 +56,11 @@ class FDConfig:
                  "trains); set optim.layer_decay=1.0")
         if self.compile.cuda_graph_teacher:
             need(tr.task == "distill", "compile.cuda_graph_teacher only applies to train.task='distill'")
+        d = self.data
+        need(not (d.backend in CENTER_CROP_BACKENDS and d.eval_resize < s.img_size),
+             f"data.eval_resize={d.eval_resize} is smaller than model.student.img_size={s.img_size}, and "
+             f"data.backend={d.backend!r} cannot pad the centre crop: set data.eval_resize >= the image size "
+             "(256 for 224)")
         need(not (self.model.attention == "flex" and s.arch != "beit"),
              "model.attention='flex' applies to the Beit (ViT) student; SwinV2's cosine attention has no flex "
              "path: use model.attention=sdpa")
