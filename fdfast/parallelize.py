@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from .config import CompileConfig, FDConfig, TrainConfig
 from .distributed import DistInfo
-from .models.attention import set_attention_kernel
+from .models.attention import flex_kernel_options, set_attention_kernel
 
 
 def apply_backend_settings(train: TrainConfig, device: torch.device) -> dict[str, Any]:
@@ -82,12 +82,14 @@ def apply_compile(module: nn.Module, compile_cfg: CompileConfig, *, scope: Optio
 
 def prepare_model(model: nn.Module, cfg: FDConfig, info: DistInfo) -> nn.Module:
     """What every task does to its trainable model before wrapping: process-wide backend flags (TF32,
-    cudnn.benchmark), the device, channels-last memory and the attention kernel."""
+    cudnn.benchmark), the device, channels-last memory and the attention kernel (with FlexAttention's
+    tiles for this device)."""
     apply_backend_settings(cfg.train, info.device)
     model = model.to(info.device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    set_attention_kernel(model, cfg.model.attention)
+    set_attention_kernel(model, cfg.model.attention,
+                         flex_kernel_options(cfg.compile.flex_kernel_options, info.device))
     return model
 
 
