@@ -87,7 +87,9 @@ def run_step_mode(args, info: DistInfo, rec: Recorder) -> None:
             else:
                 built, result["switches"] = build_fast_step(cfg, info, backend=args.compile_backend), switches(cfg)
             result.update(precision=built.precision, notes=built.notes)
-            flops = rec.data.setdefault("flops_per_img", step_flops(built, cfg))
+            if "flops_per_img" not in rec.data:  # the same models in every variant: counted once
+                rec.data["flops_per_img"] = step_flops(built, cfg)
+            flops = rec.data["flops_per_img"]
             t = measure_step(built, batches, dev, args.warmup, args.steps)
             ips = bs / (t["step_ms"]["median"] / 1e3)
             per_rank = gather(ips, info.world_size)

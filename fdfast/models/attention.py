@@ -136,12 +136,12 @@ def set_attention_kernel(model: nn.Module, kind: str, kernel_options: Optional[d
         raise ValueError(f"model.attention={kind!r}: choose one of {list(KERNELS)}")
     if kind == "flex":
         _retype_modules(model, BeitAttention, FlexBeitAttention)
-        if not any(type(m) is FlexBeitAttention for m in model.modules()):
+        flex = [m for m in model.modules() if type(m) is FlexBeitAttention]
+        if not flex:
             raise ValueError(f"model.attention='flex' applies to the Beit (ViT) student; {type(model).__name__} "
                              "has no timm Beit attention. Use model.attention=sdpa")
-        for m in model.modules():
-            if type(m) is FlexBeitAttention:
-                m.kernel_options = kernel_options
+        for m in flex:
+            m.kernel_options = kernel_options
     else:
         _retype_modules(model, FlexBeitAttention, BeitAttention)
     count = 0
