@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
 # One command for a bare single-GPU box (no network):  bash bench/device.sh
-# Installs carried wheels (.whl/*.whl, e.g. timm) into /tmp/site, puts the repo on PYTHONPATH (no
-# install needed), then runs bench/device.py: env, GPU tests, step / teacher / loader / e2e
-# benchmarks. Results go to $OUT (default ./bench_out). DEVICE_DRY_RUN=1: the same on the CPU, tiny.
+#
+#   bash bench/device.sh --stash   only move the wheel parts carried by this call (.whl/parts/*) to
+#                                  .whl/stash/, out of the way of the next transfer (one call per part)
+#   bash bench/device.sh           stash, reassemble the parts, check every wheel against bench/wheels.sha256,
+#                                  install those that match into $SITE_DIR (default /tmp/site) with
+#                                  --no-deps --target (record: $OUT/wheels.json), put it and the repository on
+#                                  PYTHONPATH (no install, no network) and run bench/device.py: env, GPU tests,
+#                                  step / profile / e2e / teacher / loader benchmarks. Results go to $OUT
+#                                  (default ./bench_out). DEVICE_DRY_RUN=1: the same on the CPU, tiny.
 set -u
 cd "$(dirname "$0")/.."
-export OUT="${OUT:-$PWD/bench_out}"
-mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
-shopt -s nullglob
-wheels=(.whl/*.whl)
-if (( ${#wheels[@]} )); then
-  if "$PY" -m pip install -q --no-index --no-deps --target /tmp/site "${wheels[@]}" >>"$OUT/device.log" 2>&1; then
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-    echo "[device.sh] installed ${#wheels[@]} carried wheel(s) into /tmp/site" | tee -a "$OUT/device.log"
-  else
-    echo "[device.sh] WARNING: installing ${wheels[*]} failed (see $OUT/device.log); using the box's packages" \
-      | tee -a "$OUT/device.log"
-  fi
+if [[ "${1:-}" == "--stash" ]]; then
+  exec "$PY" bench/wheels.py stash
+fi
+export DEVICE_START_EPOCH="${DEVICE_START_EPOCH:-$(date +%s)}"
+export OUT="${OUT:-$PWD/bench_out}"
+SITE="${SITE_DIR:-/tmp/site}"
+mkdir -p "$OUT" "$SITE"
+# a wheel that fails its check is recorded (and fails the run at the end); the benchmarks still run
+"$PY" bench/wheels.py install --target "$SITE" --record "$OUT/wheels.json" 2>&1 | tee -a "$OUT/device.log"
+if [ -n "$(ls -A "$SITE")" ]; then
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 exec "$PY" bench/device.py "$@"

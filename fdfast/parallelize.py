@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from .config import CompileConfig, FDConfig, TrainConfig
 from .distributed import DistInfo
-from .models.attention import set_attention_kernel
+from .models.attention import flex_kernel_options, set_attention_kernel
 
 
 def apply_backend_settings(train: TrainConfig, device: torch.device) -> dict[str, Any]:
@@ -92,12 +92,14 @@ def set_grad_checkpointing(model: nn.Module, enable: bool = True) -> int:
 
 def prepare_model(model: nn.Module, cfg: FDConfig, info: DistInfo) -> nn.Module:
     """What every task does to its trainable model before wrapping: process-wide backend flags (TF32,
-    cudnn.benchmark), the device, channels-last memory, the attention kernel and activation checkpointing."""
+    cudnn.benchmark), the device, channels-last memory, the attention kernel (with FlexAttention's tiles
+    for this device) and activation checkpointing."""
     apply_backend_settings(cfg.train, info.device)
     model = model.to(info.device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    set_attention_kernel(model, cfg.model.attention)
+    set_attention_kernel(model, cfg.model.attention,
+                         flex_kernel_options(cfg.compile.flex_kernel_options, info.device))
     if cfg.model.grad_checkpointing and not set_grad_checkpointing(model):
         raise ValueError(f"model.grad_checkpointing: {type(model).__name__} holds no timm network to checkpoint")
     return model

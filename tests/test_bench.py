@@ -1,22 +1,28 @@
 """bench/: the analytic FLOP count (against torch's FlopCounterMode and design.md's 141 GFLOP/img),
-the benchmark's modes on CPU with tiny models (JSON keys, no timing assertions), the device script's
-dry run and summary."""
+the benchmark's modes on CPU with tiny models (JSON keys, no timing assertions), the profile's kernel
+families and table, the device script's dry run and summary."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 from timm.models.swin_transformer_v2 import SwinTransformerV2
+from torch.autograd import DeviceType
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench import throughput
+from bench.device_summary import merge
 from bench.flops import model_count, spec_peak_tflops, vit_pair_flops
+from bench.profiling import FAMILIES, classify, family_times, write_profile
 from fdfast.config import StudentConfig
 from fdfast.models.attention import set_attention_kernel
 from fdfast.models.student import DistillModel
@@ -75,13 +81,13 @@ def test_spec_peak_lookup():
     assert spec_peak_tflops("Some CPU") is None
 
 
-TINY = ["--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--set", "train.compile=false"]
+TINY = ["--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--set", "compile.enabled=false"]
 
 
 def test_step_mode_with_baseline_writes_json(tmp_path):
     out = tmp_path / "step.json"
     data = throughput.main(["--mode", "step", "--baseline", *TINY, "--variant", "fast",
-                            "--variant", "eager-blocks:train.compile_scope=blocks,train.channels_last=false",
+                            "--variant", "eager-blocks:compile.scope=blocks,train.channels_last=false",
                             "--json", str(out)])
     on_disk = json.loads(out.read_text())
     assert on_disk["results"] == json.loads(json.dumps(data["results"], default=str))
@@ -96,7 +102,8 @@ def test_step_mode_with_baseline_writes_json(tmp_path):
         assert set(r["step_ms"]) >= {"median", "p10", "p90"}
     # same seed, same data: the official-style and fast steps start from the same loss (fp32 on CPU)
     assert on_disk["results"][1]["loss_first"] == pytest.approx(on_disk["results"][0]["loss_first"], rel=1e-4)
-    assert on_disk["results"][2]["switches"]["channels_last"] is False  # a fast switch not (yet) in the schema works
+    assert on_disk["results"][2]["switches"]["channels_last"] is False
+    assert on_disk["results"][2]["switches"]["compile"]["scope"] == "blocks"
     assert set(on_disk["ratios"]) == {"fast/official", "eager-blocks/official"}
     assert on_disk["flops_per_img"]["total"] > 0
     assert any("fp32" in n for n in on_disk["results"][0]["notes"])  # the CPU baseline says it is fp32
@@ -107,11 +114,14 @@ def test_teacher_loader_e2e_modes(tmp_path):
     t = throughput.main(["--mode", "teacher", *TINY, "--compile-backend", "aot_eager", "--json", str(tmp_path / "t.json")])
     assert [r["name"] for r in t["results"]] == ["official-fp16", "eager", "compiled"]  # no CUDA: no graph rows
     assert all(r["ok"] for r in t["results"]), [r.get("traceback") for r in t["results"]]
+    t2 = throughput.main(["--mode", "teacher", *TINY, "--variant", "compiled", "--compile-backend", "aot_eager"])
+    assert [r["name"] for r in t2["results"]] == ["compiled"]
     ld = throughput.main(["--mode", "loader", *TINY, "--generate", "40", "--data", str(data), "--workers", "1",
-                          "--backends", "torchvision,nvjpeg,ffcv,synthetic", "--json", str(tmp_path / "l.json")])
+                          "--backends", "torchvision,nvjpeg,ffcv,synthetic,dali@0.75", "--json", str(tmp_path / "l.json")])
     by = {r["name"]: r for r in ld["results"]}
     assert by["torchvision"]["ok"] and by["nvjpeg"]["ok"] and by["synthetic"]["ok"]
     assert "beton" in by["ffcv"]["skipped"]  # skipped with a reason, not failed
+    assert by["dali@0.75"]["ok"], by["dali@0.75"].get("traceback")  # DALI's CPU mode here
     assert "nvjpeg/torchvision" in ld["ratios"]
     assert len(list(data.rglob("*.jpg"))) == 40
     e = throughput.main(["--mode", "e2e", *TINY, "--data", str(data), "--workers", "1", "--backends", "nvjpeg",
@@ -124,25 +134,196 @@ def test_teacher_loader_e2e_modes(tmp_path):
     assert json.loads((tmp_path / "e.json").read_text())["results"][1]["name"] == "nvjpeg"
 
 
-def test_bad_override_fails_fast():
+def test_bad_override_and_options_fail_fast(capsys):
     with pytest.raises(Exception, match="unknown config key"):
         throughput.main(["--mode", "step", *TINY, "--set", "train.no_such_switch=1"])
+    with pytest.raises(Exception, match="has moved: use 'compile.enabled'"):
+        throughput.main(["--mode", "step", *TINY, "--set", "train.compile=true"])
+    for bad in (["--backends", "torchvision@0.5"], ["--mode", "teacher", "--variant", "fastest"]):
+        with pytest.raises(SystemExit):
+            throughput.parse_args(bad)
+    assert "teacher mode knows" in capsys.readouterr().err
 
 
-def test_device_script_dry_run(tmp_path):
-    """bench/device.sh end to end on the CPU (tiny models), for two sections; then the summary of a
-    directory holding every section's JSON (from the runs above, re-made here cheaply)."""
+def test_profile_mode_writes_the_family_table(tmp_path):
+    """--profile on a recorded CPU profile (tiny models, eager): every family of a training step has time,
+    the families and idle add up to the measured step, and the table lands in --profile-dir."""
+    data = throughput.main(["--profile", *TINY, "--steps", "3", "--profile-dir", str(tmp_path)])
+    prof = data["results"][0]
+    fam = prof["families"]
+    assert list(fam) == list(FAMILIES)
+    for family in ("GEMM", "attention fwd", "attention bwd", "norms/elementwise", "optimizer", "copies"):
+        assert fam[family]["ms_per_step"] > 0, family
+    assert fam["idle"]["ms_per_step"] >= 0
+    assert sum(f["ms_per_step"] for f in fam.values()) == pytest.approx(prof["wall_ms_per_step"], rel=1e-6)
+    assert any("_backward" in name for name, _ in fam["attention bwd"]["top"])
+    assert all(name.startswith("Optimizer.step: ") for name, _ in fam["optimizer"]["top"]
+               if not name.startswith("aten::_foreach"))
+    md, = tmp_path.glob("profile-cpu-*.md")
+    assert json.loads(md.with_suffix(".json").read_text())["families"] == fam
+
+
+@pytest.mark.parametrize("name,family", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off", "GEMM"),
+    ("nvjet_tst_192x192_64x3_2x1_v_bz_coopB_TNN", "GEMM"),
+    ("void cutlass__5x_cudnn::Kernel<cutlass_tensorop_bf16_s16816wgrad_optimized_bf16_64x64_64x5_nhwc>", "GEMM"),
+    ("triton_tem_fused_addmm_gelu_3", "GEMM"),
+    ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<bf16>::Params)", "attention fwd"),
+    ("fmha_cutlassB_bf16_aligned_64x64_k64_sm80(PyTorchMemEffAttention::AttentionBackwardKernel<bf16>)", "attention bwd"),
+    ("void flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4>>", "attention fwd"),
+    ("triton_tem_fused_flex_attention_backward_5", "attention bwd"),
+    ("void (anonymous namespace)::cunn_SoftMaxBackward<4, float, float>", "attention bwd"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 2>>", "optimizer"),
+    ("void at::native::lpnorm_cleanup<float, (at::native::NormType)1, float>", "optimizer"),
+    ("triton_per_fused_native_layer_norm_native_layer_norm_backward_7", "norms/elementwise"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "norms/elementwise"),
+    ("Memcpy DtoD (Device -> Device)", "copies"),
+    ("void at::native::elementwise_kernel<128, 2, direct_copy_kernel_cuda>", "copies"),
+    ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", "other"),
+])
+def test_classifier_on_gpu_kernel_names(name, family):
+    assert classify(name) == family
+
+
+class _Kernel:
+    """A CUDA kernel event as the profiler lists it (name, device, time range)."""
+
+    def __init__(self, name: str, start: float, end: float):
+        self.name, self.device_type = name, DeviceType.CUDA
+        self.time_range = type("R", (), {"start": start, "end": end, "elapsed_us": lambda _: end - start})()
+
+
+def test_gpu_family_times_count_overlap_once_and_idle():
+    """Two streams overlapping for 20 us are busy 100 us, not 120; the rest of 200 us is idle."""
+    events = [_Kernel("nvjet_tst_gemm", 0, 60), _Kernel("fmha_cutlassF_attention", 40, 80),
+              _Kernel("FusedAdamMathFunctor", 100, 120)]
+    out = family_times(events, "cuda", wall_us=200.0, steps=2)
+    fam = out["families"]
+    assert out["wall_ms_per_step"] == pytest.approx(0.1)
+    assert fam["idle"]["ms_per_step"] == pytest.approx(0.05)
+    assert sum(f["ms_per_step"] for f in fam.values()) == pytest.approx(0.1)
+    assert fam["GEMM"]["ms_per_step"] > fam["attention fwd"]["ms_per_step"] > 0
+
+
+def test_profile_table_format(tmp_path):
+    fam = {f: {"ms_per_step": 0.0, "share": 0.0, "top": []} for f in FAMILIES}
+    fam["GEMM"] = {"ms_per_step": 30.0, "share": 0.5, "top": [["nvjet_a", 20.0], ["nvjet_b", 10.0]]}
+    fam["idle"] = {"ms_per_step": 30.0, "share": 0.5, "top": []}
+    data = {"families": fam, "wall_ms_per_step": 60.0, "steps": 20, "device": "NVIDIA H200", "config": "c.yaml",
+            "overrides": [], "batch_size": 128, "precision": "bf16", "torch": "2.x"}
+    md, js = write_profile(tmp_path, data)
+    assert md.name.startswith("profile-h200-") and md.suffix == ".md" and js.suffix == ".json"
+    lines = md.read_text().splitlines()
+    head = lines.index("| family | ms/step | % of step | top kernels (ms/step) |")
+    assert lines[head + 1] == "|---|---|---|---|"
+    assert lines[head + 2] == "| GEMM | 30.00 | 50.0 | nvjet_a (20.00); nvjet_b (10.00) |"
+    assert [row.split(" | ")[0][2:] for row in lines[head + 2:head + 2 + len(FAMILIES) + 1]] == [*FAMILIES, "total"]
+    assert lines[head + 2 + len(FAMILIES)] == "| total | 60.00 | 100.0 |  |"
+    assert json.loads(js.read_text()) == data
+
+
+def _fake_wheel(folder: Path, name: str, payload_bytes: int) -> Path:
+    """A valid pure-Python wheel whose payload makes it as large as asked (stored, not compressed)."""
+    whl = folder / f"{name}-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        z.writestr(f"{name}/__init__.py", "__version__ = '0.1'\n")
+        z.writestr(f"{name}/payload.bin", os.urandom(payload_bytes))
+        z.writestr(f"{name}-0.1.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+        z.writestr(f"{name}-0.1.dist-info/WHEEL",
+                   "Wheel-Version: 1.0\nGenerator: fdfast-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{name}-0.1.dist-info/RECORD", "")
+    return whl
+
+
+def _device_sh(tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DEVICE_DRY_RUN="1", OUT=str(tmp_path / "out"), PYTHON=sys.executable, PYTHONPATH=str(REPO),
+               WHEEL_DIR=str(tmp_path / ".whl"), WHEELS_SHA256=str(tmp_path / "wheels.sha256"),
+               SITE_DIR=str(tmp_path / "site"), **env)
+    return subprocess.run(["bash", str(REPO / "bench" / "device.sh"), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_device_script_dry_run_with_wheel_parts(tmp_path):
+    """The whole carrying sequence, on the CPU with fake small wheels: pack into transfers of at most 1 MiB,
+    one `device.sh --stash` per transfer (each transfer replaces the carried folder, as the device tool
+    does), then `device.sh` reassembles, checks the sha256, installs and runs the sections (two of them
+    here). A damaged part is refused, recorded, and fails the run without stopping the sections."""
+    dl = tmp_path / "dl"
+    dl.mkdir()
+    big, small = _fake_wheel(dl, "fakedali", 3 * 2 ** 20), _fake_wheel(dl, "fakedep", 1000)
+    (tmp_path / "wheels.sha256").write_text("# test list\n" + "".join(
+        f"{hashlib.sha256(w.read_bytes()).hexdigest()}  {w.name}\n" for w in (big, small)))
+    env = dict(os.environ, WHEEL_DIR=str(tmp_path / ".whl"), WHEELS_SHA256=str(tmp_path / "wheels.sha256"))
+    subprocess.run([sys.executable, str(REPO / "bench" / "wheels.py"), "pack", str(dl), "--max-mib", "1"], env=env,
+                   check=True, capture_output=True, timeout=60)
+    calls = sorted((tmp_path / ".whl" / "calls").iterdir())
+    assert len(calls) == 4 and all(sum(f.stat().st_size for f in c.iterdir()) <= 2 ** 20 for c in calls)
+    staged = tmp_path / "staged"
+    (tmp_path / ".whl" / "calls").rename(staged)
+    for i, call in enumerate(sorted(staged.iterdir())):
+        shutil.rmtree(tmp_path / ".whl" / "calls", ignore_errors=True)  # a transfer carries only its folder
+        shutil.copytree(call, tmp_path / ".whl" / "calls" / call.name)
+        if i < 3:
+            proc = _device_sh(tmp_path, "--stash")
+            assert proc.returncode == 0, proc.stderr
+            assert "stashed" in proc.stdout and not any((tmp_path / ".whl" / "calls" / call.name).iterdir())
+    proc = _device_sh(tmp_path, DEVICE_SECTIONS="env,teacher")
     out = tmp_path / "out"
-    env = dict(os.environ, DEVICE_DRY_RUN="1", OUT=str(out), DEVICE_SECTIONS="env,teacher",
-               PYTHON=sys.executable, PYTHONPATH=str(REPO))
-    proc = subprocess.run(["bash", str(REPO / "bench" / "device.sh")], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     merged = json.loads((out / "device.json").read_text())
+    assert merged["summary"]["wheels"] == {big.name: True, small.name: True}
+    rec = {w["name"]: w for w in merged["wheels"]["wheels"]}
+    assert rec[big.name]["parts"] == ["aa", "ab", "ac", "ad"] and rec[small.name]["parts"] == []
+    assert (tmp_path / "site" / "fakedali" / "payload.bin").stat().st_size == 3 * 2 ** 20
     assert [s["name"] for s in merged["sections"]] == ["env", "teacher"]
     assert merged["env"]["torch"] == torch.__version__
     assert merged["teacher"]["results"][0]["name"] == "official-fp16"
     summary = (out / "summary.md").read_text()
-    assert "Teacher target alone" in summary and "Sections" in summary
+    assert "Teacher target alone" in summary and "Carried wheels" in summary and "Sections" in summary
     assert proc.stdout.rindex("Sections") > proc.stdout.rindex("results in")  # the table comes last
     assert (out / "device.log").stat().st_size > 0
+    assert json.loads(next(out.glob("cpu-dryrun-*.json")).read_text())["summary"] == merged["summary"]
+
+    part = tmp_path / ".whl" / "stash" / f"{big.name}.part-ab"
+    part.write_bytes(b"x" + part.read_bytes()[1:])
+    proc = _device_sh(tmp_path, DEVICE_SECTIONS="env")
+    assert proc.returncode == 1
+    merged = json.loads((out / "device.json").read_text())
+    assert merged["summary"]["wheels"] == {big.name: False, small.name: True}
+    assert "sha256 mismatch after reassembling parts" in {w["name"]: w for w in merged["wheels"]["wheels"]}[
+        big.name]["reason"]
+    assert merged["sections"][0]["rc"] == 0  # the sections still ran
+
+
+def test_summary_holds_the_headline_numbers(tmp_path):
+    """device.json's `summary` from section JSONs as the benchmark writes them (here made by hand)."""
+    def res(name, **kw):
+        return {"name": name, "ok": True, **kw}
+
+    files = {
+        "env.json": {"gpu": "NVIDIA H200"},
+        "step128.json": {"results": [res("official", img_per_s=1000.0), res("fast", img_per_s=2100.0,
+                                                                                mfu_measured=0.38, warmup_s=27.0),
+                                     {"name": "flex", "ok": False, "error": "InductorError"}]},
+        "teacher.json": {"results": [res("official-fp16", img_per_s=4900.0), res("compiled+graph", img_per_s=11000.0)]},
+        "e2e.json": {"results": [res("step-only (synthetic)", img_per_s=2100.0, data_wait=0.0),
+                                 res("dali@0.65", img_per_s=2050.0, data_wait=0.02),
+                                 res("dali@0.75", img_per_s=2060.0, data_wait=0.01),
+                                 res("torchvision", img_per_s=2000.0, data_wait=0.05),
+                                 res("nvjpeg", img_per_s=1700.0, data_wait=0.5),
+                                 {"name": "ffcv", "ok": False, "skipped": "ffcv skipped: no module named ffcv"}]},
+        "vitl14.json": {"results": [res("fast", img_per_s=400.0, mfu_measured=0.4, peak_mem_gib=60.0)]},
+    }
+    for name, d in files.items():
+        (tmp_path / name).write_text(json.dumps(d))
+    sections = [{"name": n} for n in ("env", "step128", "teacher", "e2e", "vitl14", "swinv2b")]
+    s = merge(tmp_path, sections, dry=False, budget_s=470)["summary"]
+    assert s["gpu"] == "NVIDIA H200"
+    assert (s["step_img_s"], s["official_img_s"], s["mfu_measured"], s["teacher_img_s"]) == (2100.0, 1000.0, 0.38, 11000.0)
+    assert s["x_official"] == pytest.approx(2.1)
+    assert set(s["e2e"]) == {"dali", "dali@0.75", "torchvision", "nvjpeg", "ffcv"}
+    assert s["e2e"]["dali"]["img_s"] == 2050.0 and s["e2e"]["dali"]["data_wait"] == 0.02
+    assert s["e2e"]["ffcv"]["img_s"] is None and "ffcv" in s["e2e"]["ffcv"]["why"]
+    assert s["variants_b16"]["flex"]["img_s"] is None and s["variants_b16"]["fast"]["compile_s"] == 27.0
+    assert s["vit_l14"] == {"img_s": 400.0, "mfu_measured": 0.4, "peak_mem_gib": 60.0, "compile_s": None}
+    assert s["swinv2_b"]["img_s"] is None  # the section did not run: unmeasured, not zero

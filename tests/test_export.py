@@ -16,12 +16,11 @@ from PIL import Image
 
 from fdfast.checkpoint import save_checkpoint
 from fdfast.cli.export import main
-from fdfast.config import StudentConfig, config_from_dict, to_dict
+from fdfast.config import DataConfig, StudentConfig, config_from_dict, to_dict
 from fdfast.constants import CLIP_MEAN, CLIP_STD
 from fdfast.interop import loading as L
 from fdfast.models.student import build_student
 from fdfast.objective import normalize
-from pipelines.base import LoaderSpec
 from pipelines.torchvision import build_transform
 
 BEIT = dict(arch="beit", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
@@ -234,9 +233,8 @@ def test_timm_alone_gives_identical_logits_and_fdfasts_eval_preprocessing(tmp_pa
     assert r.returncode == 0, r.stderr
     got = torch.load(result, weights_only=True)
 
-    spec = LoaderSpec(path="", train=False, batch_size=1, img_size=48, device=torch.device("cpu"),
-                      eval_resize=59)
-    pixels = build_transform(spec)(Image.open(image).convert("RGB")).unsqueeze(0)
+    transform = build_transform(DataConfig(eval_resize=59), train=False, img_size=48)
+    pixels = transform(Image.open(image).convert("RGB")).unsqueeze(0)
     ours = normalize(pixels, CLIP_MEAN, CLIP_STD)
     torch.testing.assert_close(got["x"], ours, atol=2e-6, rtol=0)  # ToTensor + Normalize vs uint8 on the device
     assert torch.equal(got["logits"], ft(got["x"])) and got["logits"].shape == (1, 7)

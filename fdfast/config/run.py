@@ -104,6 +104,9 @@ class CompileConfig:
     not nest inside the teacher's capture and are not safe for the student's backward + optimizer)."""
     cuda_graph_teacher: bool = False
     """Capture the teacher forward in a CUDA graph (CUDA only; distillation only)."""
+    flex_kernel_options: Literal["auto", "default", "sm90_fit", "small"] = "auto"
+    """Triton tiles of model.attention=flex (models/attention.py): auto = sm90_fit on H100/H200, torch's
+    choice elsewhere; small = the fallback with smaller tiles and fewer stages."""
 
 
 @dataclass(kw_only=True)

@@ -5,37 +5,71 @@
   position bias as ``attn_mask``, which FlashAttention and cuDNN refuse when the bias needs a gradient,
   so it runs on the memory-efficient kernel.
 * ``eager`` — explicit ``softmax(q k^T + bias) v`` (``fused_attn=False``), as the official code.
-* ``flex`` — FlexAttention with the bias as a ``score_mod`` (:class:`FlexBeitAttention`), Beit only.
+* ``flex`` — FlexAttention with the bias as a ``score_mod`` (:class:`FlexBeitAttention`), Beit only,
+  with Triton tile sizes from :data:`FLEX_KERNEL_OPTIONS` (``compile.flex_kernel_options``).
 
 :func:`set_attention_kernel` is the only function that touches ``fused_attn`` or swaps classes.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.beit import Attention as BeitAttention
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import flex_attention
 
 KERNELS = ("sdpa", "flex", "eager")
 
-_compiled_flex: Optional[Callable] = None
+# FlexAttention's Triton tiles for the student (head dim 64, 197 tokens, a bias that needs a gradient).
+# With torch's own tiles the student's flex backward failed to compile on an H200 ("No valid triton
+# configs", bench/results/h200-2026-11-26.md), the symptom of tiles that need more shared memory than an
+# SM has. ``sm90_fit``: forward 128x64 tiles, backward 32/64 tiles, 3 pipeline stages, 4 warps, sized for
+# the sm90 shared-memory budget; ``small``: the fallback with 64x64 forward tiles and 2 stages (less
+# shared memory still, less overlap). ``default`` leaves the choice to torch (and, under
+# compile.mode=max-autotune-no-cudagraphs, to autotuning, which drops configs that overflow).
+FLEX_KERNEL_OPTIONS: dict[str, Optional[dict[str, int]]] = {
+    "default": None,
+    "sm90_fit": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages": 3, "fwd_num_warps": 4,
+                 "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
+                 "bwd_num_stages": 3, "bwd_num_warps": 4},
+    "small": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_stages": 2, "fwd_num_warps": 4,
+              "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
+              "bwd_num_stages": 2, "bwd_num_warps": 4},
+}
 
 
-def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod, scale: float) -> torch.Tensor:
+def flex_kernel_options(name: str, device: torch.device) -> Optional[dict[str, int]]:
+    """The ``kernel_options`` of preset ``name`` for ``device``. ``auto``: ``sm90_fit`` on a compute
+    capability 9.x GPU (H100/H200, the shared-memory budget the preset was sized for), torch's own
+    choice elsewhere. CPU runs ignore them (the reference path has no tiles)."""
+    if name == "auto":
+        sm90 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+        name = "sm90_fit" if sm90 else "default"
+    if name not in FLEX_KERNEL_OPTIONS:
+        raise ValueError(f"compile.flex_kernel_options={name!r}: choose one of {['auto', *FLEX_KERNEL_OPTIONS]}")
+    options = FLEX_KERNEL_OPTIONS[name]
+    return dict(options) if options is not None else None
+
+
+@functools.cache
+def _compiled_flex_attention() -> Callable:
+    # One compiled wrapper per process; torch._dynamo.reset() empties its cache like any other.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod, scale: float,
+          kernel_options: Optional[dict[str, int]]) -> torch.Tensor:
     """FlexAttention only runs fast when compiled. Inside a compiled student it is traced as is;
     an eager CUDA student calls a compiled ``flex_attention`` (compiled once per shape); on CPU the
     eager reference implementation runs."""
-    global _compiled_flex
-    from torch.nn.attention.flex_attention import flex_attention
-
     if torch.compiler.is_compiling() or not q.is_cuda:
-        return flex_attention(q, k, v, score_mod=score_mod, scale=scale)
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex(q, k, v, score_mod=score_mod, scale=scale)
+        return flex_attention(q, k, v, score_mod=score_mod, scale=scale, kernel_options=kernel_options)
+    return _compiled_flex_attention()(q, k, v, score_mod=score_mod, scale=scale, kernel_options=kernel_options)
 
 
 class FlexBeitAttention(BeitAttention):
@@ -45,7 +79,13 @@ class FlexBeitAttention(BeitAttention):
     (heads, N, N) tensor and then, by ordinary autograd, through the gather into the table.
 
     Capturing the gathered (heads, N, N) tensor rather than the (732, heads) table keeps the
-    backward's atomic adds spread over N*N addresses instead of 732 hot ones."""
+    backward's atomic adds spread over N*N addresses instead of 732 hot ones. Under bf16 the captured
+    tensor is bf16 too (half the bytes each tile loads and holds in shared memory); the score_mod casts
+    each element to the score dtype before adding it.
+
+    ``kernel_options`` (set by :func:`set_attention_kernel`) are FlexAttention's Triton tile sizes."""
+
+    kernel_options: Optional[dict[str, int]] = None
 
     def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.training and self.attn_drop.p > 0:
@@ -69,9 +109,12 @@ class FlexBeitAttention(BeitAttention):
             bias = shared if bias is None else bias + shared
         score_mod = None
         if bias is not None:
+            if q.dtype == torch.bfloat16:
+                bias = bias.to(torch.bfloat16)
+
             def score_mod(score, b, h, q_idx, kv_idx):
-                return score + bias[h, q_idx, kv_idx]
-        x = _flex(q, k, v, score_mod, self.scale)
+                return score + bias[h, q_idx, kv_idx].to(score.dtype)
+        x = _flex(q, k, v, score_mod, self.scale, self.kernel_options)
         x = x.transpose(1, 2).reshape(B, N, -1)
         return self.proj_drop(self.proj(x))
 
@@ -83,18 +126,22 @@ def _retype_modules(model: nn.Module, old: type, new: type) -> None:
             m.__class__ = new
 
 
-def set_attention_kernel(model: nn.Module, kind: str) -> int:
+def set_attention_kernel(model: nn.Module, kind: str, kernel_options: Optional[dict[str, int]] = None) -> int:
     """Switch every attention module of ``model`` to ``kind`` (``sdpa``, ``flex`` or ``eager``); returns
-    how many modules have that kernel now. Only the class or the ``fused_attn`` flag changes: parameters,
-    buffers and state-dict keys stay. ``flex`` applies to timm Beit attention only and raises for a model
-    without any (SwinV2's cosine attention has no flex path here)."""
+    how many modules have that kernel now. Only the class, the ``fused_attn`` flag and, for ``flex``, the
+    ``kernel_options`` (see :func:`flex_kernel_options`) change: parameters, buffers and state-dict keys
+    stay. ``flex`` applies to timm Beit attention only and raises for a model without any (SwinV2's
+    cosine attention has no flex path here)."""
     if kind not in KERNELS:
         raise ValueError(f"model.attention={kind!r}: choose one of {list(KERNELS)}")
     if kind == "flex":
         _retype_modules(model, BeitAttention, FlexBeitAttention)
-        if not any(type(m) is FlexBeitAttention for m in model.modules()):
+        flex = [m for m in model.modules() if type(m) is FlexBeitAttention]
+        if not flex:
             raise ValueError(f"model.attention='flex' applies to the Beit (ViT) student; {type(model).__name__} "
                              "has no timm Beit attention. Use model.attention=sdpa")
+        for m in flex:
+            m.kernel_options = kernel_options
     else:
         _retype_modules(model, FlexBeitAttention, BeitAttention)
     count = 0
@@ -110,7 +157,5 @@ def only_sdpa_backends(*names: str) -> Iterator[None]:
     """Restrict SDPA to the named backends (e.g. "FLASH_ATTENTION"): a call that cannot use them
     raises instead of silently falling back, which is how the device script proves the teacher
     runs on FlashAttention and finds the kernel the student's biased attention uses."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     with sdpa_kernel([getattr(SDPBackend, n) for n in names]):
         yield

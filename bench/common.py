@@ -1,0 +1,60 @@
+"""What every mode of the benchmark shares: the config a run starts from (YAML + ``--set`` overrides, the
+``--tiny`` models), device-resident synthetic batches, the record of a step's switches and :class:`Built`,
+one step under test."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from fdfast.config import FDConfig
+from pipelines.base import LoaderSpec
+from pipelines.synthetic import SyntheticLoader
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs" / "pretrain" / "fd_clip_vit_base_300ep.yaml"
+# --tiny: same code paths, models small enough for a CPU smoke test (17 tokens both sides).
+TINY_OVERRIDES = [
+    "model.student.img_size=32", "model.student.patch_size=8", "model.student.embed_dim=48",
+    "model.student.depth=2", "model.student.num_heads=2",
+    "model.teacher.model_kwargs={patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}",
+]
+
+
+@dataclasses.dataclass
+class Built:
+    """A step under test: ``run(images, labels, step index) -> metrics`` plus what the report needs."""
+
+    name: str
+    run: Callable[[torch.Tensor, torch.Tensor, int], dict]
+    model: nn.Module
+    teacher: nn.Module
+    precision: str
+    notes: list[str]
+    target: Any = None
+
+
+def switches(cfg: FDConfig) -> dict[str, Any]:
+    """The switches of a step as the JSON records them: the compile section and the other speed knobs."""
+    return {"compile": dataclasses.asdict(cfg.compile), "attention": cfg.model.attention,
+            "channels_last": cfg.train.channels_last, "tf32": cfg.train.tf32,
+            "cudnn_benchmark": cfg.train.cudnn_benchmark, "precision": cfg.train.precision,
+            "fused_adamw": cfg.optim.fused}
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``NAME`` or ``NAME:key=value,key=value`` (values must not contain commas)."""
+    name, _, rest = text.partition(":")
+    overrides = [x.strip() for x in rest.split(",") if x.strip()] if rest else []
+    return name.strip(), overrides
+
+
+def synthetic_batches(cfg: FDConfig, dev: torch.device, n: int, batch_size: int, rank: int = 0) -> list:
+    """Device-resident uint8 channels-last batches from pipelines.synthetic, made before timing."""
+    spec = LoaderSpec(path="", train=True, batch_size=batch_size, img_size=cfg.model.student.img_size, device=dev,
+                      rank=rank, seed=cfg.train.seed, num_classes=cfg.data.num_classes,
+                      synthetic_size=batch_size * n)
+    return [(x.contiguous(memory_format=torch.channels_last), y) for x, y in SyntheticLoader(spec)]

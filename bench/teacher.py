@@ -1,0 +1,91 @@
+"""``--mode teacher``: the teacher target alone (normalise -> teacher -> whiten), official fp16 with
+explicit attention vs the run's target eager, CUDA-graph replayed, compiled, compiled + replayed."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bench.common import synthetic_batches
+from bench.flops import model_count, spec_peak_tflops
+from bench.official import official_teacher
+from bench.report import Recorder, record_failure
+from bench.tables import fmt, print_tables
+from bench.timing import fresh_start, peak_mem_gib, time_loop
+from fdfast.config import load_config
+from fdfast.distributed import DistInfo
+from fdfast.models.attention import only_sdpa_backends
+from fdfast.models.target import TeacherTarget
+from fdfast.models.teachers import build_teacher
+from fdfast.step import autocast, resolve_precision
+from fdfast.tasks.distill import build_target
+
+# name -> overrides of the run's target (None: the official-style teacher)
+TEACHER_VARIANTS = {
+    "official-fp16": None,
+    "eager": ["compile.enabled=false", "compile.cuda_graph_teacher=false"],
+    "eager+graph": ["compile.enabled=false", "compile.cuda_graph_teacher=true"],
+    "compiled": ["compile.enabled=true", "compile.cuda_graph_teacher=false"],
+    "compiled+graph": ["compile.enabled=true", "compile.cuda_graph_teacher=true"],
+}
+
+
+def _flash_only(teacher, precision: str, dev: torch.device) -> dict[str, Any]:
+    """Proof that the bias-free teacher attention runs on the FlashAttention kernel."""
+    try:
+        with only_sdpa_backends("FLASH_ATTENTION"), autocast(precision, dev), torch.no_grad():
+            teacher(torch.randn(2, 3, teacher.img_size, teacher.img_size, device=dev))
+        return {"flash_only_ok": True}
+    except Exception as e:  # noqa: BLE001
+        return {"flash_only_ok": False, "flash_only_error": f"{type(e).__name__}: {e}"[:300]}
+
+
+def run_teacher_mode(args, info: DistInfo, rec: Recorder) -> None:
+    """``--variant NAME`` picks variants of :data:`TEACHER_VARIANTS` (default: all that the device allows)."""
+    dev = info.device
+    cuda = dev.type == "cuda"
+    cfg0 = load_config(args.config, args.overrides)
+    bs = cfg0.train.batch_size
+    batches = synthetic_batches(cfg0, dev, 4, bs)
+    precision = resolve_precision(cfg0.train.precision, dev)
+    names = args.variant or [n for n in TEACHER_VARIANTS if cuda or "graph" not in n]
+    peak_spec = spec_peak_tflops(rec.data["env"].get("gpu") or "") if cuda else None
+    for name in names:
+        fresh_start(dev)
+        result: dict[str, Any] = {"mode": "teacher", "name": name, "batch_size": bs, "ok": False}
+        try:
+            extra = TEACHER_VARIANTS[name]
+            cfg = load_config(args.config, [*args.overrides, *(extra or [])])
+            torch.manual_seed(cfg.train.seed)
+            if extra is None:
+                teacher = official_teacher(cfg, dev)
+                fn, prec = TeacherTarget(teacher, cfg.model.whiten_eps), ("fp16" if cuda else "fp32")
+            else:
+                teacher = build_teacher(cfg.model.teacher, cfg.model.student.img_size).to(dev)
+                fn, prec = build_target(teacher, cfg, dev, args.compile_backend), precision
+
+            def call(i: int, fn=fn, prec=prec) -> None:
+                with autocast(prec, dev):
+                    fn(batches[i % len(batches)][0])
+
+            t = time_loop(call, dev, args.warmup, args.steps)
+            ips = bs / (t["step_ms"]["median"] / 1e3)
+            flops = model_count(teacher).fwd
+            result.update(t, ok=True, img_per_s=ips, precision=prec, teacher_fwd_flops=flops,
+                          mfu_spec=flops * ips / 1e12 / peak_spec if peak_spec else None,
+                          peak_mem_gib=peak_mem_gib(dev), graph_captures=getattr(fn, "captures", None))
+            if cuda and extra is not None:
+                result.update(_flash_only(teacher, prec, dev))
+            del fn, teacher, call
+        except Exception as e:  # noqa: BLE001
+            record_failure(result, e)
+        rec.add(result)
+    res = rec.results("teacher")
+    base = next((r for r in res if r["name"] == "official-fp16" and r["ok"]), None)
+    rows = [[r["name"], r.get("precision", "-"), fmt(r.get("img_per_s")),
+             f"{r['step_ms']['median']:.2f}" if r["ok"] else "FAILED",
+             fmt(r["mfu_spec"] * 100 if r.get("mfu_spec") else None), str(r.get("flash_only_ok", "-")),
+             fmt(r["img_per_s"] / base["img_per_s"] if base and r["ok"] else None, ".2f")] for r in res]
+    if info.is_main:
+        print_tables([(f"Teacher target forward alone (batch {bs})",
+                       ["variant", "precision", "img/s", "ms", "MFU% spec", "flash-only ok", "x official"], rows)])
