@@ -19,10 +19,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
+from ..errors import UserError
 from ..models.student import student_tokens
 from ..models.target import TeacherTarget
 from ..objective import fd_loss, normalize
 from .data import Batch, resize_pixels
+
+
+class LandscapeError(UserError, ValueError):
+    """A landscape that cannot be computed as asked (e.g. labels the classifier does not have)."""
 
 
 def filter_normalized_direction(params: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -99,11 +104,16 @@ def fd_loss_fn(student: nn.Module, arch: str, projector: nn.Module, teacher: nn.
     return loss
 
 
-def classification_loss_fn(model: nn.Module, batches: Iterable[Batch], img_size: int, mean: tuple, std: tuple,
-                           device: torch.device) -> Callable[[], float]:
-    """Mean cross-entropy of a classifier's logits against the batches' labels."""
+def classification_loss_fn(model: nn.Module, num_classes: int, batches: Iterable[Batch], img_size: int,
+                           mean: tuple, std: tuple, device: torch.device) -> Callable[[], float]:
+    """Mean cross-entropy of a classifier's logits against the batches' labels (ImageFolder class indices:
+    the folder must hold the classes the model was fine-tuned on, in the same sorted order)."""
     data = [(normalize(resize_pixels(images.to(device), img_size), mean, std), labels.to(device))
             for images, labels in batches]
+    top = max(int(labels.max()) for _, labels in data)
+    if top >= num_classes:
+        raise LandscapeError(f"the images carry class {top} but the classifier has {num_classes} classes: pass "
+                             "--data with the classes it was fine-tuned on, or --no-landscape")
 
     def loss() -> float:
         total = sum(float(F.cross_entropy(model(x).float(), y, reduction="sum")) for x, y in data)

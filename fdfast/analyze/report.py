@@ -19,6 +19,12 @@ from ..checkpoint import atomic_write
 from . import plots
 
 LOSS_NAMES = {"fd": "FD", "ce": "cross-entropy"}  # FD: SmoothL1 vs the whitened teacher tokens
+MODEL_KEYS = ("role", "source", "img_size", "mean", "std")
+DISTANCE_KEYS = ("name", "heads", "grid", "token_px", "windowed", "maps", "distance_px", "cls_mass")
+
+
+def _pick(d: dict, keys: tuple) -> dict:
+    return {k: d[k] for k in keys}
 
 
 def write_json(path: Path, data: dict) -> Path:
@@ -117,21 +123,22 @@ def write_outputs(out: Path, models: dict, maps: dict, landscapes: dict, skipped
     ``source``, ``img_size`` and ``layers`` (layer summaries); ``maps[name]`` the chosen layers' maps."""
     out.mkdir(parents=True, exist_ok=True)
     panels = [{"name": n, **m} for n, m in models.items()]
-    written = [
-        write_json(out / "attention_distance.json", {**settings, "models": {
-            n: {k: m[k] for k in ("role", "source", "img_size", "mean", "std")} | {"layers": [
-                {k: lay[k] for k in ("name", "heads", "grid", "token_px", "windowed", "maps", "distance_px", "cls_mass")}
-                for lay in m["layers"]]} for n, m in models.items()}}),
-        write_json(out / "head_diversity.json", {**settings, "models": {n: {"layers": [
-            {"name": lay["name"], "distance_spread_px": lay["distance_spread_px"],
-             "distance_min_px": min(lay["distance_px"]), "distance_max_px": max(lay["distance_px"]),
-             "head_cosine": lay["head_cosine"]} for lay in m["layers"]]} for n, m in models.items()}}),
-        write_json(out / "diagonality.json", {**settings, "models": {n: {
-            "layers": [{"name": lay["name"], "locality": lay["locality"], "mean": _mean(lay["locality"])}
-                       for lay in m["layers"]],
-            "maps_file": f"attention_maps_{n}.npz", "shown_layers": list(maps[n])} for n, m in models.items()}}),
-        write_json(out / "landscape.json", {**settings, "models": landscapes, "skipped": skipped}),
-    ]
+    def per_layer(pick) -> dict:
+        return {n: {"layers": [pick(lay) for lay in m["layers"]]} for n, m in models.items()}
+
+    distance = {n: {**_pick(models[n], MODEL_KEYS), **entry}
+                for n, entry in per_layer(lambda lay: _pick(lay, DISTANCE_KEYS)).items()}
+    diversity = per_layer(lambda lay: {"name": lay["name"], "distance_spread_px": lay["distance_spread_px"],
+                                       "distance_min_px": min(lay["distance_px"]),
+                                       "distance_max_px": max(lay["distance_px"]), "head_cosine": lay["head_cosine"]})
+    diagonal = per_layer(lambda lay: {"name": lay["name"], "locality": lay["locality"],
+                                      "mean": _mean(lay["locality"])})
+    for n in models:
+        diagonal[n].update(maps_file=f"attention_maps_{n}.npz", shown_layers=list(maps[n]))
+    written = [write_json(out / "attention_distance.json", {**settings, "models": distance}),
+               write_json(out / "head_diversity.json", {**settings, "models": diversity}),
+               write_json(out / "diagonality.json", {**settings, "models": diagonal}),
+               write_json(out / "landscape.json", {**settings, "models": landscapes, "skipped": skipped})]
     figures = {
         "Average attention distance per head": [plots.per_head_panels(
             panels, "distance_px", "mean attention distance (px)", "average attention distance, one dot per head",

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..config.checks import need
 from ..logging import log
 from ..objective import normalize
-from .capture import capture_attention
+from .capture import attention_layers, capture_attention
 from .data import Batch, check_image_folder, load_images, resize_pixels
 from .landscape import classification_loss_fn, fd_loss_fn, landscape_points, loss_landscape
 from .metrics import LayerStats
@@ -30,25 +30,38 @@ class AnalyzeOptions:
     data: Optional[str] = None
     """ImageFolder root; None = generated images."""
     num_images: int = 64
+    """Images the attention statistics average over."""
     batch_size: int = 32
     img_size: Optional[int] = None
     """Size the images are prepared at; None = the largest model input. Each model gets its own size."""
     device: str = "auto"
+    """auto (CUDA when present), cpu, cuda or cuda:N."""
     layers: Optional[list[int]] = None
     """Layers whose averaged maps are drawn; None = first, middle and last."""
     radius: int = 1
     """Locality neighbourhood: keys within this many patches of the query along both axes."""
     teacher: Optional[TeacherSpec] = None
+    """A teacher to analyse and to pair with distilled students (default: each run's own teacher)."""
     with_teacher: bool = True
+    """Rebuild the teachers of distilled runs (False: students only, without their FD loss)."""
     landscape: bool = True
+    """Compute the loss landscapes."""
     landscape_images: int = 32
+    """The first images of the set, on which the landscape losses are evaluated."""
     grid: int = 11
+    """2-D landscape points per axis (odd: the centre is on the grid)."""
     line_points: int = 21
+    """Points of the 1-D landscape slice."""
     span: float = 1.0
+    """Landscape range: α, β in [-span, span] (in units of the filter-normalised directions)."""
     seed: int = 0
+    """Seeds the image subset, the generated images and the landscape directions."""
     num_workers: int = 2
+    """Image decoding workers."""
     trust_pickle: bool = False
+    """Allow files that pickle classes beyond plain data (runs code from the file)."""
     progress: bool = True
+    """Show a progress bar."""
 
     def __post_init__(self) -> None:
         need(self.num_images > 0 and self.batch_size > 0, "--num-images and --batch-size must be > 0")
@@ -101,12 +114,12 @@ def _loss_fn(subject: Subject, batches: list[Batch], device: torch.device):
         params = {f"encoder.{n}": p for n, p in subject.network.named_parameters()}
         params.update({f"decoder.{n}": p for n, p in subject.projector.named_parameters()})
         return fn, params
-    fn = classification_loss_fn(subject.network, batches, subject.img_size, subject.mean, subject.std, device)
+    fn = classification_loss_fn(subject.network, subject.num_classes, batches, subject.img_size, subject.mean,
+                                subject.std, device)
     return fn, dict(subject.network.named_parameters())
 
 
-def _shown_layers(requested: Optional[list[int]], stats: list[LayerStats], name: str) -> list[int]:
-    n = len(stats)
+def _shown_layers(requested: Optional[list[int]], n: int, name: str) -> list[int]:
     chosen = requested if requested is not None else sorted({0, n // 2, n - 1})
     need(all(0 <= i < n for i in chosen), f"--layers {requested}: {name} has {n} attention layers (0..{n - 1})")
     return chosen
@@ -124,11 +137,14 @@ def analyze(opts: AnalyzeOptions) -> list[Path]:
     size = opts.img_size or max(s.img_size for s in subjects)
     batches = load_images(opts.data, num_images=opts.num_images, img_size=size, batch_size=opts.batch_size,
                           seed=opts.seed, num_workers=opts.num_workers)
+    # everything that can be refused is checked before the long part: layers to draw, labels vs classes
+    shown = {s.name: _shown_layers(opts.layers, len(attention_layers(s.network)), s.name) for s in subjects}
+    losses = {s.name: _loss_fn(s, _first_images(batches, opts.landscape_images), device)
+              for s in subjects if opts.landscape and s.loss_kind}
     log(f"analysing {', '.join(f'{s.name} ({s.role})' for s in subjects)} on {opts.num_images} images "
         f"({opts.data or 'generated'}) at {size} px, device {device}")
     models, maps, landscapes, skipped = {}, {}, {}, {}
-    with_loss = [s for s in subjects if opts.landscape and s.loss_kind]
-    total = len(subjects) * len(batches) + len(with_loss) * landscape_points(opts.grid, opts.line_points)
+    total = len(subjects) * len(batches) + len(losses) * landscape_points(opts.grid, opts.line_points)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, disable=not opts.progress, transient=True) as bar:
         task = bar.add_task("attention", total=total)
@@ -138,15 +154,14 @@ def analyze(opts: AnalyzeOptions) -> list[Path]:
             stats = attention_statistics(s, batches, device, opts.radius, advance)
             models[s.name] = {"role": s.role, "source": s.source, "img_size": s.img_size, "mean": list(s.mean),
                               "std": list(s.std), "layers": [st.summary() for st in stats]}
-            maps[s.name] = {stats[i].geometry.name: stats[i].average_map()
-                            for i in _shown_layers(opts.layers, stats, s.name)}
+            maps[s.name] = {stats[i].geometry.name: stats[i].average_map() for i in shown[s.name]}
         for s in subjects:
-            if s not in with_loss:
+            if s.name not in losses:
                 skipped[s.name] = ("--no-landscape" if not opts.landscape else
                                    "no loss of its own (a teacher or a headless backbone)")
                 continue
             bar.update(task, description=f"landscape {s.name}")
-            fn, params = _loss_fn(s, _first_images(batches, opts.landscape_images), device)
+            fn, params = losses[s.name]
             land = loss_landscape(params, fn, span=opts.span, grid=opts.grid, line_points=opts.line_points,
                                   seed=opts.seed, on_point=advance)
             landscapes[s.name] = {"loss": s.loss_kind, "images": opts.landscape_images, "grid": opts.grid, **land}
