@@ -273,7 +273,10 @@ def load_subjects(models: list[str], teacher_spec: Optional[TeacherSpec] = None,
     subjects: list[Subject] = []
     teacher = None
     if teacher_spec is not None:
-        teacher = build_teacher_from_spec(teacher_spec, teacher_spec.img_size or 224, trust_pickle=trust_pickle)
+        try:
+            teacher = build_teacher_from_spec(teacher_spec, teacher_spec.img_size or 224, trust_pickle=trust_pickle)
+        except UserError as e:  # its message speaks of the config key; name the flag as well
+            raise SourceError(f"--teacher {teacher_spec.weights}: {e}") from None
         subjects.append(_teacher_subject(teacher, f"teacher-{teacher.kind}"))
     for spec in models:
         if spec.startswith("random:"):
