@@ -1,0 +1,11 @@
+"""FD's diagnostic tools (spec §5): average attention distance per head, head diversity, attention-map
+diagonality and filter-normalised loss landscapes, for distilled students, their teachers and fine-tuned
+models, with a report that compares them.
+
+Modules: ``sources`` (every model load), ``data`` (the images), ``capture`` (attention probabilities from
+hooks), ``metrics`` (the statistics), ``landscape``, ``plots``, ``report`` and ``run`` (the whole
+analysis, what ``fdfast-analyze`` calls).
+"""
+from .run import AnalyzeOptions, analyze
+
+__all__ = ["AnalyzeOptions", "analyze"]
