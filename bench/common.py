@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from fdfast.config import FDConfig
-from pipelines.base import LoaderSpec
+from pipelines.base import LoaderRequest
 from pipelines.synthetic import SyntheticLoader
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,9 +52,10 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name.strip(), overrides
 
 
-def synthetic_batches(cfg: FDConfig, dev: torch.device, n: int, batch_size: int, rank: int = 0) -> list:
-    """Device-resident uint8 channels-last batches from pipelines.synthetic, made before timing."""
-    spec = LoaderSpec(path="", train=True, batch_size=batch_size, img_size=cfg.model.student.img_size, device=dev,
-                      rank=rank, seed=cfg.train.seed, num_classes=cfg.data.num_classes,
-                      synthetic_size=batch_size * n)
-    return [(x.contiguous(memory_format=torch.channels_last), y) for x, y in SyntheticLoader(spec)]
+def synthetic_batches(cfg: FDConfig, dev: torch.device, n: int, batch_size: int) -> list:
+    """Device-resident uint8 channels-last batches from pipelines.synthetic, made before timing (the same
+    on every rank: they only feed the timed step)."""
+    data = dataclasses.replace(cfg.data, backend="synthetic", synthetic_size=batch_size * n)
+    request = LoaderRequest(train=True, batch_size=batch_size, img_size=cfg.model.student.img_size, device=dev,
+                            seed=cfg.train.seed)
+    return [(x.contiguous(memory_format=torch.channels_last), y) for x, y in SyntheticLoader(data, request)]

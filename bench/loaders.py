@@ -22,10 +22,10 @@ from bench.report import Recorder, record_failure
 from bench.step import build_fast_step
 from bench.tables import fmt, print_tables
 from bench.timing import fresh_start, gather, sync, time_loop
-from fdfast.cli.convert import ConvertError, convert_folder
+from pipelines.ffcv_writer import convert_folder
 from fdfast.config import FDConfig, load_config
 from fdfast.distributed import DistInfo
-from pipelines import MissingDependency, build_loader_from_spec, check_batch, make_spec
+from pipelines import DataError, MissingDependency, build_loader, check_batch
 from pipelines.generate import make_image_folder
 
 LOADER_BACKENDS = ("torchvision", "ffcv", "dali", "nvjpeg", "synthetic")
@@ -43,7 +43,7 @@ def parse_backend(entry: str) -> tuple[str, Optional[float]]:
 
 
 def _loader(args, cfg: FDConfig, entry: str, info: DistInfo):
-    """(loader, spec, note), or (None, None, why it is skipped)."""
+    """(loader, its data section, note), or (None, None, why it is skipped)."""
     backend, hw_load = parse_backend(entry)
     path = (args.beton or "") if backend == "ffcv" else (args.data or "")
     if backend == "ffcv" and not path.endswith(".beton"):
@@ -55,15 +55,15 @@ def _loader(args, cfg: FDConfig, entry: str, info: DistInfo):
         data = dataclasses.replace(data, dali_hw_decoder_load=hw_load)
     if args.workers is not None:
         data = dataclasses.replace(data, num_workers=args.workers)
-    spec = make_spec(data, train=True, batch_size=cfg.train.batch_size, img_size=cfg.model.student.img_size,
-                     device=info.device, rank=info.rank, world_size=info.world_size, seed=cfg.train.seed)
     note = None
     if backend == "nvjpeg" and info.device.type != "cuda":
         note = "nvjpeg on CPU: torchvision CPU decode (the GPU decoder needs CUDA)"
     if backend == "dali":
         note = f"hw_decoder_load {data.dali_hw_decoder_load}" if info.device.type == "cuda" else "DALI on the CPU"
     try:
-        return build_loader_from_spec(backend, spec), spec, note
+        loader = build_loader(data, train=True, batch_size=cfg.train.batch_size, img_size=cfg.model.student.img_size,
+                              device=info.device, rank=info.rank, world_size=info.world_size, seed=cfg.train.seed)
+        return loader, data, note
     except (MissingDependency, ModuleNotFoundError) as e:
         return None, None, f"{entry} skipped: {e}"
 
@@ -79,17 +79,17 @@ def _endless(loader):
 def _each_loader(args, cfg: FDConfig, info: DistInfo, rec: Recorder, mode: str,
                  measure: Callable[[Any, Any], dict]) -> None:
     """One result row per entry of ``args.backends``: skipped (with the reason) when its loader cannot be
-    built here, else ``ok`` with what ``measure(loader, spec)`` returns, or the failure."""
+    built here, else ``ok`` with what ``measure(loader, data)`` returns, or the failure."""
     for entry in args.backends:
         result: dict[str, Any] = {"mode": mode, "name": entry, "batch_size": cfg.train.batch_size, "ok": False}
-        loader, spec, note = _loader(args, cfg, entry, info)
+        loader, data, note = _loader(args, cfg, entry, info)
         if loader is None:
             result["skipped"] = note
             rec.add(result)
             rec.note(note)
             continue
         try:
-            result.update(ok=True, note=note, workers=spec.num_workers, **measure(loader, spec))
+            result.update(ok=True, note=note, workers=data.num_workers, **measure(loader, data))
         except Exception as e:  # noqa: BLE001
             record_failure(result, e)
         del loader
@@ -109,7 +109,7 @@ def run_loader_mode(args, info: DistInfo, rec: Recorder) -> None:
     cfg = load_config(args.config, args.overrides)
     bs = cfg.train.batch_size
 
-    def measure(loader, spec) -> dict[str, Any]:
+    def measure(loader, data) -> dict[str, Any]:
         it = _endless(loader)
         for i in range(args.warmup):
             x, y = next(it)
@@ -145,13 +145,13 @@ def run_e2e_mode(args, info: DistInfo, rec: Recorder) -> None:
     bs = cfg.train.batch_size
     fresh_start(dev)
     built = build_fast_step(cfg, info, backend=args.compile_backend)
-    batches = synthetic_batches(cfg, dev, 4, bs, info.rank)
+    batches = synthetic_batches(cfg, dev, 4, bs)
     ref = time_loop(lambda i: built.run(*batches[i % 4], i), dev, args.warmup, args.steps)
     step_ips = bs / (ref["step_ms"]["median"] / 1e3)
     rec.add({"mode": "e2e", "name": "step-only (synthetic)", "ok": True, "img_per_s": step_ips, "batch_size": bs,
              "step_ms": ref["step_ms"], "warmup_s": ref["warmup_s"], "data_wait": 0.0})
 
-    def measure(loader, spec) -> dict[str, Any]:
+    def measure(loader, data) -> dict[str, Any]:
         it = _endless(loader)
         for i in range(args.warmup):
             built.run(*next(it), i)
@@ -224,6 +224,6 @@ def make_beton(data: str, beton: str, workers: Optional[int]) -> Optional[str]:
         return None
     try:
         convert_folder(data, beton, num_workers=workers)
-    except ConvertError as e:
+    except (DataError, MissingDependency) as e:
         return f"no .beton: {e}"
     return None

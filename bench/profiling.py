@@ -143,7 +143,7 @@ def run_profile_mode(args, info: DistInfo, rec: Recorder) -> None:
     cfg = load_config(args.config, args.overrides)
     fresh_start(dev)
     built = build_fast_step(cfg, info, backend=args.compile_backend)
-    batches = synthetic_batches(cfg, dev, 4, cfg.train.batch_size, info.rank)
+    batches = synthetic_batches(cfg, dev, 4, cfg.train.batch_size)
     for i in range(args.warmup):
         built.run(*batches[i % 4], i)
     sync(dev)

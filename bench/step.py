@@ -77,7 +77,7 @@ def run_step_mode(args, info: DistInfo, rec: Recorder) -> None:
     for name, extra in variants:
         cfg = load_config(args.config, [*args.overrides, *(extra or [])])
         bs = cfg.train.batch_size
-        batches = synthetic_batches(cfg, dev, 4, bs, info.rank)
+        batches = synthetic_batches(cfg, dev, 4, bs)
         fresh_start(dev)
         result: dict[str, Any] = {"mode": "step", "name": name, "overrides": extra or [], "batch_size": bs,
                                   "world_size": info.world_size, "ok": False}

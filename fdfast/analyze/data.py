@@ -15,18 +15,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 
-from pipelines.base import LoaderSpec
+from pipelines.base import DataError
 from pipelines.generate import make_image_folder
 from pipelines.torchvision import build_transform
 
-from ..errors import UserError
+from ..config import DataConfig
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 (B, 3, S, S) pixels, int64 (B,) labels
 SYNTHETIC_CLASSES = 4
-
-
-class DataError(UserError, ValueError):
-    """The image folder is missing, empty or holds fewer images than asked for."""
 
 
 def eval_resize(img_size: int) -> int:
@@ -65,10 +61,9 @@ def check_image_folder(folder: Optional[str]) -> None:
 
 
 def _read(folder: str, num_images: int, img_size: int, batch_size: int, seed: int, num_workers: int) -> list[Batch]:
-    spec = LoaderSpec(path=folder, train=False, batch_size=batch_size, img_size=img_size,
-                      device=torch.device("cpu"), eval_resize=eval_resize(img_size))
+    transform = build_transform(DataConfig(eval_resize=eval_resize(img_size)), train=False, img_size=img_size)
     try:
-        dataset = ImageFolder(folder, transform=build_transform(spec))
+        dataset = ImageFolder(folder, transform=transform)
     except (FileNotFoundError, RuntimeError) as e:  # no class folders / no images with a known extension
         raise DataError(f"--data {folder}: not a usable ImageFolder ({e})") from None
     n = len(dataset)

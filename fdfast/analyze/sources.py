@@ -7,7 +7,7 @@ This is the only module of :mod:`fdfast.analyze` that reads weights. A model arg
   config's ``model.teacher`` (a ``random`` teacher with the run's ``train.seed``, exactly as the trainer
   drew it) unless ``--teacher`` is given. A fine-tuned run gives the classifier;
 * an official FD checkpoint (``{'model': {'encoder.*', 'decoder.*', ...}}``) or another student weights
-  file :func:`~fdfast.interop.read_student_state_dict` reads; the architecture (BEiT-style ViT or SwinV2)
+  file :func:`~fdfast.interop.loading.read_student_state_dict` reads; the architecture (BEiT-style ViT or SwinV2)
   is read from the tensor shapes. With ``--teacher`` the official projector (``decoder.*``) is loaded too;
 * a timm export folder (``config.json`` + ``model.safetensors``): ``timm.create_model("local-dir:...")``;
 * ``random:<timm name>``: a randomly initialised timm model (smoke tests).
@@ -29,12 +29,14 @@ import timm
 import torch
 import torch.nn as nn
 
-from ..config import StudentConfig, TeacherConfig, config_from_dict
+from ..config import StudentConfig, TeacherConfig
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import UserError
-from ..interop import (LAYOUT_FDFAST, LAYOUT_OFFICIAL, load_converted_state_dict, official_to_distill_state_dict,
-                       read_fdfast_checkpoint, read_student_state_dict, resolve_checkpoint_file,
-                       torch_load_checkpoint)
+from ..interop.conversion import official_to_distill_state_dict
+from ..interop.export import checkpoint_config
+from ..interop.loading import (LAYOUT_FDFAST, LAYOUT_OFFICIAL, load_converted_state_dict, read_fdfast_checkpoint,
+                               read_student_state_dict, resolve_checkpoint_file)
+from ..interop.reading import load_torch_file
 from ..models.student import build_student
 from ..models.teachers import Teacher, build_teacher
 
@@ -122,7 +124,7 @@ def _run_name(file: Path) -> str:
 def _from_fdfast(file: Path, teacher: Optional[Teacher], with_teacher: bool,
                  trust_pickle: bool) -> tuple[Subject, Optional[Teacher]]:
     ckpt = read_fdfast_checkpoint(file)
-    cfg = config_from_dict(ckpt.config)
+    cfg = checkpoint_config(ckpt)  # also reads configs written before keys moved
     s, task = cfg.model.student, cfg.train.task
     if task == "linprobe":
         raise SourceError(f"{file}: a linear-probe checkpoint (frozen backbone + BatchNorm head); analyse the "
@@ -209,7 +211,7 @@ def _from_student_file(file: Path, teacher: Optional[Teacher], trust_pickle: boo
     sd, layout = read_student_state_dict(file, trust_pickle=trust_pickle)
     # An official-layout file may carry what the tensors cannot tell (fdfast-export records the student's
     # config; SwinV2's window is not in its weights) and the projector: one more read, for that layout only.
-    whole = torch_load_checkpoint(file, trust_pickle=trust_pickle) if layout == LAYOUT_OFFICIAL else {}
+    whole = load_torch_file(file, trust_pickle=trust_pickle) if layout == LAYOUT_OFFICIAL else {}
     recorded = whole.get("fdfast", {}).get("student") if isinstance(whole.get("fdfast"), dict) else None
     if recorded:
         fields, classes, finetune = {k: v for k, v in recorded.items() if k != "num_classes"}, 0, False
