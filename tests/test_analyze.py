@@ -20,7 +20,7 @@ from timm.models.swin_transformer_v2 import SwinTransformerV2
 from timm.models.vision_transformer import VisionTransformer
 
 from conftest import tiny_dict
-from fdfast import interop
+from fdfast.interop import export, loading
 from fdfast.analyze import metrics as M
 from fdfast.analyze.capture import attention_layers, capture_attention
 from fdfast.analyze.data import DataError, load_images
@@ -28,7 +28,7 @@ from fdfast.analyze.landscape import filter_normalized_direction, loss_landscape
 from fdfast.analyze.sources import SourceError, TeacherSpec, load_subjects, student_fields
 from fdfast.cli.analyze import main
 from fdfast.config import StudentConfig, config_from_dict
-from fdfast.models.student import build_student
+from fdfast.models.student import build_student, timm_kwargs
 from fdfast.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,8 +222,8 @@ def test_official_vit_checkpoint_gives_its_architecture_student_and_projector(tm
     torch.manual_seed(0)
     student = build_student(StudentConfig(**fields)).eval()
     projector = nn.Linear(student.num_features, 48)
-    path = interop.export_official(student, projector, tmp_path / "fd.pth", "beit")
-    got, classes, finetune = student_fields(interop.read_student_state_dict(path)[0], str(path))
+    path = export.export_official(student, projector, tmp_path / "fd.pth", "beit")
+    got, classes, finetune = student_fields(loading.read_student_state_dict(path)[0], str(path))
     assert (classes, finetune) == (0, False) and {k: got[k] for k in fields} == fields
     teacher, subject = load_subjects([str(path)], TeacherSpec(weights="random", **TINY_TEACHER))
     assert (teacher.role, subject.role, subject.loss_kind) == ("teacher", "student", "fd")
@@ -236,7 +236,7 @@ def test_official_swinv2_architecture_from_its_buffers_or_from_the_export_record
     fields = dict(arch="swinv2", img_size=32, patch_size=2, embed_dim=16, depth=[2, 2], num_heads=[2, 4],
                   window_size=4)
     student = build_student(StudentConfig(**fields)).eval()
-    model = interop.official_state_dict(student)
+    model = export.official_state_dict(student)
     bare = tmp_path / "bare.pth"
     torch.save({"model": model}, bare)
     with pytest.raises(SourceError, match="window size"):
@@ -245,10 +245,10 @@ def test_official_swinv2_architecture_from_its_buffers_or_from_the_export_record
     buffers = {f"encoder.{name}": t for name, t in student.named_buffers()
                if name.endswith(("relative_coords_table", "relative_position_index", "attn_mask"))}
     torch.save({"model": {**model, **buffers}}, tmp_path / "official.pth")
-    got, _, _ = student_fields(interop.read_student_state_dict(tmp_path / "official.pth")[0], "official.pth")
+    got, _, _ = student_fields(loading.read_student_state_dict(tmp_path / "official.pth")[0], "official.pth")
     assert {k: got[k] for k in fields} == fields
     # fdfast-export records the student's config next to the weights
-    interop.export_official(student, None, tmp_path / "exported.pth", extra={"fdfast": {"student": fields}})
+    export.export_official(student, None, tmp_path / "exported.pth", extra={"fdfast": {"student": fields}})
     x = torch.randn(1, 3, 32, 32)
     for file in ("official.pth", "exported.pth"):
         (subject,) = load_subjects([str(tmp_path / file)])
@@ -258,8 +258,7 @@ def test_official_swinv2_architecture_from_its_buffers_or_from_the_export_record
 def test_timm_export_folder_is_a_classifier_with_its_weights(tmp_path):
     fields = dict(arch="beit", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
     model = build_student(StudentConfig(**fields), finetune=True).eval()
-    _, args = interop.timm_student_kwargs(fields, num_classes=3, finetune=True)
-    interop.export_timm(model, tmp_path / "export", model_args=args)
+    export.export_timm(model, tmp_path / "export", model_args=timm_kwargs(StudentConfig(**fields), finetune=True))
     (subject,) = load_subjects([str(tmp_path / "export")])
     assert (subject.role, subject.num_classes, subject.loss_kind, subject.img_size) == ("classifier", 3, "ce", 32)
     x = torch.randn(2, 3, 32, 32)

@@ -83,7 +83,6 @@ def test_checkpoint_is_weights_only_loadable(tiny_cfg, tmp_path):
 def test_nan_loss_stops_with_last_good_checkpoint_intact(tiny_cfg, tmp_path, monkeypatch):
     out = tmp_path / "run"
     train(tiny_cfg(train={"output_dir": str(out), "max_steps": 4}, checkpoint={"every": 4}))
-    good = {k: v.clone() for k, v in _weights(out).items()}
     import fdfast.tasks.distill as step_mod
     real = step_mod.fd_loss
     calls = {"n": 0}
