@@ -173,6 +173,28 @@ def test_unwritable_output_dir_is_one_line(tmp_path):
     assert r.returncode == 2 and "is not writable" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_half_precision_on_a_cpu_is_one_line(tmp_path, precision):
+    r = _cli(_write_cfg(tmp_path), "--set", f"train.precision={precision}")
+    assert r.returncode == 2 and f"train.precision='{precision}' needs a CUDA device" in r.stderr
+    assert "Traceback" not in r.stderr and not list((tmp_path / "run").glob("checkpoints"))
+
+
+def test_an_unreadable_checkpoint_folder_is_one_line(tiny_cfg, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(tiny_cfg(train={"output_dir": str(out), "max_steps": 2}))
+    real = Path.iterdir
+
+    def denied(self):
+        if self == ckpt.ckpt_root(out):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", denied)  # tests run as root, where chmod does not stop a read
+    with pytest.raises(ckpt.CheckpointLoadError, match=r"cannot list .*checkpoints \(Permission denied\)"):
+        train(tiny_cfg(train={"output_dir": str(out), "max_steps": 4}))
+
+
 # ----------------------------------------------------------------------------------------------
 # config drift
 # ----------------------------------------------------------------------------------------------
