@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 
 import torch
 from PIL import Image
@@ -140,6 +141,15 @@ class _ShardSampler(Sampler):
         return self.per_rank - self.start * self.request.batch_size
 
 
+def _leave_stop_signals_to_the_parent(worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group and SLURM / Kubernetes signal every process of a job: the
+    trainer turns those signals into a clean stop with a checkpoint, which needs its workers alive until
+    then (a worker killed by SIGTERM makes DataLoader raise in the trainer at once). They exit through
+    DataLoader's own shutdown, or with the parent through its watchdog."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class _ShardedFolderLoader:
     """The contract's bookkeeping shared by the ImageFolder backends (this one and ``pipelines.nvjpeg``):
     the folder listing, its :class:`_ShardSampler` (order, shards, per-sample seeds, eval padding), the
@@ -187,7 +197,8 @@ class TorchvisionLoader(_ShardedFolderLoader):
             persistent_workers=workers > 0, prefetch_factor=data.prefetch if workers > 0 else None,
             # DataLoader draws a worker base seed per iterator; from the global RNG that would shift
             # the training RNG stream (drop path) depending on where an epoch was resumed.
-            generator=torch.Generator().manual_seed(request.seed))
+            generator=torch.Generator().manual_seed(request.seed),
+            worker_init_fn=_leave_stop_signals_to_the_parent)
 
     def __iter__(self):
         dev = self.request.device

@@ -25,7 +25,7 @@ from fdfast.analyze import metrics as M
 from fdfast.analyze.capture import attention_layers, capture_attention
 from fdfast.analyze.data import DataError, load_images
 from fdfast.analyze.landscape import filter_normalized_direction, loss_landscape
-from fdfast.analyze.sources import SourceError, TeacherSpec, load_subjects, student_fields
+from fdfast.interop.sources import SourceError, TeacherSpec, load_subjects, student_fields
 from fdfast.cli.analyze import main
 from fdfast.config import StudentConfig, config_from_dict
 from fdfast.models.student import build_student, timm_kwargs

@@ -69,7 +69,8 @@ def test_wheel_holds_every_module_every_config_and_the_commands(wheel):
     dist_info = next(site.glob("fdfast-*.dist-info"))
     entry_points = (dist_info / "entry_points.txt").read_text()
     for command in ("fdfast-train = fdfast.cli.train:main", "fdfast-convert = fdfast.cli.convert:main",
-                    "fdfast-export = fdfast.cli.export:main"):
+                    "fdfast-export = fdfast.cli.export:main", "fdfast-eval = fdfast.cli.eval:main",
+                    "fdfast-analyze = fdfast.cli.analyze:main"):
         assert command in entry_points
 
 
@@ -107,8 +108,9 @@ def test_wheel_metadata_core_and_extras(wheel):
     for r in requires:
         if m := re.search(r'extra == "(\w+)"', r):
             extras.setdefault(m.group(1), set()).add(name_of(r))
-    assert set(meta.get_all("Provides-Extra")) == {"ffcv", "dali", "wandb", "test"}
+    assert set(meta.get_all("Provides-Extra")) == {"ffcv", "dali", "wandb", "analyze", "test"}
     assert extras["wandb"] == {"wandb"} and extras["dali"] == {"nvidia-dali-cuda120"}
+    assert extras["analyze"] == {"matplotlib"}
     # ffcv's own requirements, with the headless OpenCV in place of its GUI pin, and never ffcv itself
     ffcv_requires = {name_of(r) for r in importlib.metadata.requires("ffcv")}
     assert extras["ffcv"] == (ffcv_requires - {"opencv-python"}) | {"opencv-python-headless", "setuptools"}

@@ -173,6 +173,28 @@ def test_unwritable_output_dir_is_one_line(tmp_path):
     assert r.returncode == 2 and "is not writable" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_half_precision_on_a_cpu_is_one_line(tmp_path, precision):
+    r = _cli(_write_cfg(tmp_path), "--set", f"train.precision={precision}")
+    assert r.returncode == 2 and f"train.precision='{precision}' needs a CUDA device" in r.stderr
+    assert "Traceback" not in r.stderr and not list((tmp_path / "run").glob("checkpoints"))
+
+
+def test_an_unreadable_checkpoint_folder_is_one_line(tiny_cfg, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(tiny_cfg(train={"output_dir": str(out), "max_steps": 2}))
+    real = Path.iterdir
+
+    def denied(self):
+        if self == ckpt.ckpt_root(out):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", denied)  # tests run as root, where chmod does not stop a read
+    with pytest.raises(ckpt.CheckpointLoadError, match=r"cannot list .*checkpoints \(Permission denied\)"):
+        train(tiny_cfg(train={"output_dir": str(out), "max_steps": 4}))
+
+
 # ----------------------------------------------------------------------------------------------
 # config drift
 # ----------------------------------------------------------------------------------------------
@@ -248,22 +270,32 @@ def _wait_for_lines(path: Path, n: int, proc, timeout=300) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_writes_a_checkpoint_exits_4_and_the_rerun_is_bit_identical(tmp_path, sig):
-    settings = dict(data={"synthetic_size": 96}, train={"epochs": 2}, checkpoint={"every": 100},
-                    log={"every": 1})
+@pytest.mark.parametrize("sig, backend, group", [(signal.SIGTERM, "synthetic", False),
+                                                (signal.SIGINT, "torchvision", True),
+                                                (signal.SIGTERM, "torchvision", True)])
+def test_signal_writes_a_checkpoint_exits_4_and_the_rerun_is_bit_identical(tmp_path, image_folder, sig, backend,
+                                                                            group):
+    """A signal to the trainer, or to its whole process group as Ctrl-C and a job scheduler send it,
+    DataLoader workers included (they must leave the stop to the trainer)."""
+    data = {"synthetic_size": 96} if backend == "synthetic" else {"backend": backend, "train": str(image_folder),
+                                                                  "num_workers": 2}
+    settings = dict(data=data, train={"epochs": 2}, checkpoint={"every": 100}, log={"every": 1})
     full, stopped = _write_cfg(tmp_path, "full", **settings), _write_cfg(tmp_path, "stopped", **settings)
     assert _cli(full).returncode == 0
     proc = subprocess.Popen([sys.executable, "-m", "fdfast.cli.train", "--config", str(stopped)], cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     _wait_for_lines(tmp_path / "stopped" / "metrics.jsonl", 5, proc)
-    proc.send_signal(sig)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
     assert "stopped by signal" in err and "Traceback" not in err
+    last = len(_losses(tmp_path / "full"))
     saved = ckpt.find_latest(tmp_path / "stopped")
-    assert saved is not None and 5 <= int(saved.name[5:]) < 24  # the step it stopped at, not a periodic one
+    assert saved is not None and 5 <= int(saved.name[5:]) < last  # the step it stopped at, not a periodic one
     assert _cli(stopped).returncode == 0
     assert _losses(tmp_path / "stopped") == _losses(tmp_path / "full")
     a, b = _final_weights(tmp_path / "full"), _final_weights(tmp_path / "stopped")

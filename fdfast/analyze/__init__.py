@@ -2,7 +2,7 @@
 diagonality and filter-normalised loss landscapes, for distilled students, their teachers and fine-tuned
 models, with a report that compares them.
 
-Modules: ``sources`` (every model load), ``data`` (the images), ``capture`` (attention probabilities from
+Models are loaded by :mod:`fdfast.interop.sources` (shared with fdfast-eval). Modules: ``data`` (the images), ``capture`` (attention probabilities from
 hooks), ``metrics`` (the statistics), ``landscape``, ``plots``, ``report`` and ``run`` (the whole
 analysis, what ``fdfast-analyze`` calls).
 """

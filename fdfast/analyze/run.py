@@ -18,13 +18,13 @@ from .data import Batch, check_image_folder, load_images, resize_pixels
 from .landscape import classification_loss_fn, fd_loss_fn, landscape_points, loss_landscape
 from .metrics import LayerStats
 from .report import write_outputs
-from .sources import Subject, TeacherSpec, load_subjects
+from ..interop.sources import Subject, TeacherSpec, load_subjects
 
 
 @dataclass(kw_only=True)
 class AnalyzeOptions:
     models: list[str] = field(default_factory=list)
-    """Models to analyse (see :mod:`fdfast.analyze.sources`)."""
+    """Models to analyse (see :mod:`fdfast.interop.sources`)."""
     out: str = "analysis"
     """Output folder."""
     data: Optional[str] = None

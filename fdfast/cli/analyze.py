@@ -13,7 +13,7 @@ import sys
 import yaml
 
 from ..analyze import AnalyzeOptions, analyze
-from ..analyze.sources import TeacherSpec
+from ..interop.sources import TeacherSpec
 from ..errors import UserError
 from ..models.teachers import TEACHER_KINDS
 

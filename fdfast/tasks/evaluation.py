@@ -58,6 +58,18 @@ def summarize_counts(sums: torch.Tensor) -> EvalResult:
     return EvalResult(top1=100.0 * c1 / n, top5=100.0 * c5 / n, loss=loss / n, count=int(round(n)))
 
 
+@torch.no_grad()
+def count_hits(forward: Callable[[torch.Tensor], torch.Tensor], batches, mean, std,
+               device: torch.device) -> torch.Tensor:
+    """Summed :func:`eval_counts` of ``forward`` over uint8 ``batches``, normalised with ``mean``/``std``,
+    in fp32 without autocast (the official ``validate()`` runs without AMP); this rank's part only."""
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    with torch.autocast(device.type, enabled=False):
+        for images, labels in batches:
+            sums += eval_counts(forward(normalize(images, mean, std)), labels)
+    return sums
+
+
 class Evaluator:
     """Builds the eval loader once (failing at build time, not after the first epoch, when data.val is
     wrong); ``__call__`` evaluates ``model`` and calls ``restore_mode`` afterwards."""
@@ -92,22 +104,17 @@ class Evaluator:
                 images, labels = pad_eval_batch(images, labels, self.batch_size)
             yield images, labels
 
-    @torch.no_grad()
     def __call__(self) -> dict:
         dev = self.info.device
-        sums = torch.zeros(4, dtype=torch.float64, device=dev)
         self.model.eval()
         # The eval pass must not move the training RNG streams (DataLoader iterators draw a seed from
         # the global torch generator), or a run resumed after an eval would diverge from one without.
         fork_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] \
             if dev.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=fork_devices), torch.autocast(dev.type, enabled=False):
+            with torch.random.fork_rng(devices=fork_devices):
                 self.loader.set_epoch(0)
-                for images, labels in self._batches():
-                    # fp32, no autocast: the official validate() runs without AMP
-                    logits = self.forward(normalize(images, self.mean, self.std))
-                    sums += eval_counts(logits, labels)
+                sums = count_hits(self.forward, self._batches(), self.mean, self.std, dev)
         finally:
             self.restore_mode()
         all_reduce_sum(sums)  # exact totals over every rank; nothing averaged per batch or per rank

@@ -1,6 +1,5 @@
-"""Every model the analysis reads, built with the same loaders and load policy as training.
-
-This is the only module of :mod:`fdfast.analyze` that reads weights. A model argument is one of:
+"""Any model a user points fdfast-analyze or fdfast-eval at, built with the same loaders and load policy
+as training. A model argument is one of:
 
 * an fdfast run folder, ``step_XXXXXXXX`` folder or ``state.pt``: the architecture comes from the
   checkpoint's config. A distilled run gives its student (and projector); its teacher is rebuilt from the
@@ -32,11 +31,11 @@ import torch.nn as nn
 from ..config import StudentConfig, TeacherConfig
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import UserError
-from ..interop.conversion import official_to_distill_state_dict
-from ..interop.export import checkpoint_config
-from ..interop.loading import (LAYOUT_FDFAST, LAYOUT_OFFICIAL, load_converted_state_dict, read_fdfast_checkpoint,
-                               read_student_state_dict, resolve_checkpoint_file)
-from ..interop.reading import load_torch_file
+from .conversion import official_to_distill_state_dict
+from .export import checkpoint_config, eval_preprocessing
+from .loading import (LAYOUT_FDFAST, LAYOUT_OFFICIAL, load_converted_state_dict, read_fdfast_checkpoint,
+                      read_student_state_dict, resolve_checkpoint_file)
+from .reading import load_torch_file
 from ..models.student import build_student
 from ..models.teachers import Teacher, build_teacher
 
@@ -57,9 +56,10 @@ class TeacherSpec:
 
 @dataclass
 class Subject:
-    """One analysed model. ``network`` is the timm module whose attention is read; ``role`` is
-    ``student`` (distilled), ``teacher``, ``classifier`` (fine-tuned) or ``backbone``. A student with a
-    ``teacher`` and ``projector`` has the FD loss, a classifier (``num_classes`` > 0) cross-entropy."""
+    """One loaded model. ``network`` is the timm module; ``role`` is ``student`` (distilled), ``teacher``,
+    ``classifier`` (fine-tuned) or ``backbone``. A student with a ``teacher`` and ``projector`` has the FD
+    loss, a classifier (``num_classes`` > 0) cross-entropy. ``mean``/``std``/``eval_resize`` are the
+    evaluation preprocessing the model expects (``eval_resize`` None: 256/224 of ``img_size``)."""
     name: str
     role: str
     source: str
@@ -73,6 +73,7 @@ class Subject:
     num_classes: int = 0
     whiten_eps: float = 1e-5
     loss_beta: float = 2.0
+    eval_resize: Optional[int] = None
 
     @property
     def loss_kind(self) -> Optional[str]:
@@ -133,10 +134,12 @@ def _from_fdfast(file: Path, teacher: Optional[Teacher], with_teacher: bool,
     network = build_student(s, finetune=finetune, fd_init=False)
     load_converted_state_dict(network, ckpt.student, source=str(file), layout=LAYOUT_FDFAST, arch=s.arch,
                               expected_missing=())
+    pre = eval_preprocessing(cfg)  # the run's own eval: its eval_resize and eval_norm
     subject = Subject(name=_run_name(file), role="classifier" if finetune else "student",
                       source=f"{file} (step {ckpt.step})", network=network, img_size=s.img_size, arch=s.arch,
                       num_classes=s.num_classes if finetune else 0, whiten_eps=cfg.model.whiten_eps,
-                      loss_beta=cfg.model.loss_beta)
+                      loss_beta=cfg.model.loss_beta, mean=tuple(pre["mean"]), std=tuple(pre["std"]),
+                      eval_resize=cfg.data.eval_resize)
     if finetune or not with_teacher:
         return subject, None
     own = None
@@ -239,9 +242,12 @@ def _timm_subject(model: nn.Module, name: str, source: str) -> Subject:
     if hasattr(model, "patch_embed") and getattr(model.patch_embed, "img_size", None) is not None:
         size = model.patch_embed.img_size[0]
     classes = int(getattr(model, "num_classes", 0) or 0)
+    crop_pct = cfg.get("crop_pct")
+    # timm's eval transform: resize the shorter side to floor(size / crop_pct), then center crop
+    resize = int(math.floor(int(size) / crop_pct)) if crop_pct else None
     return Subject(name=name, role="classifier" if classes else "backbone", source=source, network=model,
                    img_size=int(size), mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
-                   std=tuple(cfg.get("std", IMAGENET_STD)), num_classes=classes)
+                   std=tuple(cfg.get("std", IMAGENET_STD)), num_classes=classes, eval_resize=resize)
 
 
 def _create_timm(name: str, source: str, **kwargs) -> nn.Module:

@@ -1,0 +1,81 @@
+"""fdfast-eval: top-1 / top-5 of classifiers on a validation set, exactly counted (under torchrun too).
+
+    fdfast-eval runs/ft_clip_vit_base_300ep --data /data/imagenet/val
+    fdfast-eval runs/ft/best exported/ft_clip_b16/ ft_official.pth --data /data/imagenet/val --json val.json
+
+A model is an fdfast fine-tune run folder, checkpoint or ``best/`` folder (evaluated with the run's own
+``data.eval_resize`` and ``train.eval_norm``), a timm export folder (its ``pretrained_cfg``), or an
+official FD fine-tuned checkpoint (architecture read from the tensors, ImageNet normalisation). Exit 2
+with one line for anything the user can fix.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pipelines
+
+from .. import distributed
+from ..config import DataConfig
+from ..errors import UserError
+from ..interop.sources import SourceError, Subject, load_subjects
+from ..tasks.evaluation import count_hits, summarize_counts
+
+PROG = "fdfast-eval"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("models", nargs="+", help="fdfast run / checkpoint / best folder, timm export folder, official file")
+    p.add_argument("--data", required=True, help="validation set: ImageFolder root (or a .beton with --backend ffcv)")
+    p.add_argument("--backend", default="torchvision", choices=("torchvision", "dali", "nvjpeg", "ffcv"))
+    p.add_argument("--batch-size", type=int, default=100, help="images per process and batch (default 100)")
+    p.add_argument("--workers", type=int, default=8, help="decoding workers per process (default 8)")
+    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--trust-pickle", action="store_true", help="allow files that pickle code (runs it)")
+    return p.parse_args(argv)
+
+
+def evaluate(model: Subject, args: argparse.Namespace, info: distributed.DistInfo) -> dict:
+    if model.num_classes <= 0:
+        raise SourceError(f"{model.source} has no classifier head ({model.role}); evaluate a fine-tuned model, or "
+                          "use fdfast-analyze for a distilled student")
+    resize = model.eval_resize or round(model.img_size * 256 / 224)  # timm's default crop_pct 0.875
+    # eval only: the validation set stands in for data.train, which the section requires for real backends
+    data = DataConfig(backend=args.backend, train=args.data, val=args.data, eval_resize=resize,
+                      num_workers=args.workers, num_classes=model.num_classes)
+    loader = pipelines.build_loader(data, train=False, batch_size=args.batch_size, img_size=model.img_size,
+                                    device=info.device, rank=info.rank, world_size=info.world_size)
+    classes = getattr(loader, "classes", None)
+    if classes is not None and len(classes) > model.num_classes:
+        raise SourceError(f"--data {args.data} has {len(classes)} classes but {model.name} predicts "
+                          f"{model.num_classes}")
+    network = model.network.to(info.device).eval()
+    sums = distributed.all_reduce_sum(count_hits(network, loader, model.mean, model.std, info.device))
+    return {"model": model.name, "source": model.source, **summarize_counts(sums).as_dict()}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    info = distributed.init_distributed()
+    try:
+        models = load_subjects(args.models, with_teacher=False, trust_pickle=args.trust_pickle)
+        results = [evaluate(m, args, info) for m in models]
+    except UserError as e:
+        print(f"{PROG}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.shutdown()
+    if info.is_main:
+        for r in results:
+            print(f"{r['model']}: top-1 {r['top1']:.3f}%  top-5 {r['top5']:.3f}%  loss {r['loss']:.4f}  "
+                  f"({r['count']} images; {r['source']})")
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
