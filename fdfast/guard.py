@@ -8,10 +8,15 @@
 * :class:`StopRequest` — SIGTERM, SIGINT and SIGUSR1 (what SLURM, Kubernetes and Ctrl-C send) set a flag
   instead of killing the process; the trainer finishes the current step, all ranks agree, a checkpoint
   is written and the process exits with :data:`EXIT_PREEMPTED`. A second SIGINT interrupts at once.
+  Ctrl-C and job schedulers signal every process of the job, loader workers included: a worker started
+  with :func:`leave_stop_signals_to_the_parent` ignores them while a :class:`StopRequest` is installed
+  (a worker killed mid-step makes DataLoader raise in the trainer before it can save), and still ends on
+  the SIGTERM a loader's own shutdown sends once the trainer is done.
 """
 from __future__ import annotations
 
 import fcntl
+import multiprocessing
 import os
 import signal
 import threading
@@ -24,6 +29,24 @@ EXIT_PREEMPTED = 4
 """Exit status after a signal: a checkpoint of the current step was written; rerun to resume."""
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+# Shared with forked loader workers: 1 while a StopRequest turns stop signals into a clean stop.
+_STOP_HANDLED = multiprocessing.Value("b", 0, lock=False)
+
+
+def _worker_sigterm(signum, frame) -> None:
+    if _STOP_HANDLED.value:
+        return  # the trainer stops the job cleanly and shuts the workers down afterwards
+    # A loader's shutdown (or the interpreter's exit) terminates its workers: leave quietly. Exit status 0,
+    # not death by signal, which DataLoader's SIGCHLD handler would report as a failed worker.
+    os._exit(0)
+
+
+def leave_stop_signals_to_the_parent(worker_id: int = 0) -> None:
+    """Loader-worker initialiser (see the module docstring)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_sigterm)
 
 
 class RunLocked(UserError):
@@ -87,11 +110,14 @@ class StopRequest:
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            _STOP_HANDLED.value = 1
         return self
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self._previous:
+            _STOP_HANDLED.value = 0
         self._previous.clear()
 
     def __enter__(self) -> "StopRequest":

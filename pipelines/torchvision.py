@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import random
-import signal
 
 import torch
 from PIL import Image
@@ -28,6 +27,7 @@ from torchvision import transforms as T
 from torchvision.datasets.folder import pil_loader
 
 from fdfast.config.data import DataConfig
+from fdfast.guard import leave_stop_signals_to_the_parent
 
 from .base import CROP_RATIO, BadImages, LoaderRequest
 from .folder import list_image_folder, next_readable, why_undecodable
@@ -141,15 +141,6 @@ class _ShardSampler(Sampler):
         return self.per_rank - self.start * self.request.batch_size
 
 
-def _leave_stop_signals_to_the_parent(worker_id: int) -> None:
-    """Ctrl-C reaches the whole process group and SLURM / Kubernetes signal every process of a job: the
-    trainer turns those signals into a clean stop with a checkpoint, which needs its workers alive until
-    then (a worker killed by SIGTERM makes DataLoader raise in the trainer at once). They exit through
-    DataLoader's own shutdown, or with the parent through its watchdog."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-
-
 class _ShardedFolderLoader:
     """The contract's bookkeeping shared by the ImageFolder backends (this one and ``pipelines.nvjpeg``):
     the folder listing, its :class:`_ShardSampler` (order, shards, per-sample seeds, eval padding), the
@@ -198,7 +189,7 @@ class TorchvisionLoader(_ShardedFolderLoader):
             # DataLoader draws a worker base seed per iterator; from the global RNG that would shift
             # the training RNG stream (drop path) depending on where an epoch was resumed.
             generator=torch.Generator().manual_seed(request.seed),
-            worker_init_fn=_leave_stop_signals_to_the_parent)
+            worker_init_fn=leave_stop_signals_to_the_parent)
 
     def __iter__(self):
         dev = self.request.device
