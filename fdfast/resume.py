@@ -91,6 +91,13 @@ def archive_config(path: Path, new_text: str) -> Optional[Path]:
     return dest
 
 
+def will_resume(output_dir: Path, resume: Any) -> bool:
+    """Whether the run will start from a checkpoint (its own, or the one ``train.resume`` names), decided
+    without reading any: a task can then skip the weights it would only start from (``model.pretrained``).
+    When none turns out usable the trainer refuses to start, so the answer never silently changes."""
+    return resume is not False and (resume is not True or bool(list_checkpoints(output_dir)))
+
+
 def choose_checkpoint(output_dir: Path, resume: Any, on_skip: Callable[[Path, str], None]) -> list[Path]:
     """Candidate checkpoints to resume from, best first (see the module docstring)."""
     if resume is False:

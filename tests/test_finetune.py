@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -625,3 +626,28 @@ def test_an_epoch_checkpointed_but_not_evaluated_is_evaluated_on_resume(tmp_path
     run_train(config_from_dict(d), CPU)
     _, evals = _metrics(tmp_path / "ft")
     assert [e["epoch"] for e in evals] == [1, 2], "epoch 1 was checkpointed but never evaluated"
+
+
+def test_a_finetune_resume_skips_a_damaged_checkpoint_and_does_not_reread_pretrained(tmp_path, folders, capsys):
+    """The fine-tune task asks the resume rules whether weights will come from a checkpoint (before: a
+    damaged newest checkpoint crashed the task's own look-up); model.pretrained is then not read again."""
+    from fdfast.trainer import train as run_train
+
+    train_dir, val = folders
+    dm = _distilled()
+    ckpt.save_checkpoint(tmp_path / "distill", 5, {"model": dm.state_dict(), "step": 5, "config": {}})
+    d = _e2e_dict(tmp_path, train_dir, val, tmp_path / "ft", epochs=2, max_steps=4)
+    d["model"]["pretrained"] = str(tmp_path / "distill")
+    d["checkpoint"] = {"every": 2, "keep": 5}
+    run_train(config_from_dict(d), CPU)
+    newest = ckpt.find_latest(tmp_path / "ft") / "state.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 3] ^= 4
+    newest.write_bytes(bytes(data))
+    shutil.rmtree(tmp_path / "distill")  # not needed any more: the checkpoints hold every weight
+    del d["train"]["max_steps"]
+    capsys.readouterr()
+    summary = run_train(config_from_dict(d), CPU)
+    log = capsys.readouterr().out
+    assert "is not read again" in log and "skipping checkpoint" in log and "step_00000002 at step 2" in log
+    assert summary["step"] == 6

@@ -23,7 +23,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import checkpoint as ckpt
 from ..config import ConfigError, FDConfig
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..distributed import DistInfo
@@ -33,6 +32,7 @@ from ..models.student import build_student
 from ..objective import normalize
 from ..optim import param_groups
 from ..parallelize import prepare_model, wrap_for_training
+from ..resume import will_resume
 from .base import Task
 from .evaluation import Evaluator
 
@@ -52,12 +52,11 @@ def set_classifier(model: nn.Module, arch: str, layer: nn.Module) -> None:
 def resolve_pretrained(cfg: FDConfig, info: DistInfo) -> str:
     """The file/folder to load, or '' (from scratch, or resuming: the checkpoint has every weight)."""
     path = cfg.model.pretrained
-    latest = ckpt.find_latest(cfg.train.output_dir, info.world_size) if cfg.train.resume else None
-    if latest is not None:
+    if will_resume(Path(cfg.train.output_dir), cfg.train.resume):
         # Resuming: the training checkpoint overwrites every weight, so the distilled file is not read
         # (and need not still exist).
         if info.is_main and path:
-            log(f"resuming from {latest}: model.pretrained={path!r} is not read again")
+            log(f"resuming from a checkpoint: model.pretrained={path!r} is not read again")
         return ""
     if not path:
         if info.is_main:
