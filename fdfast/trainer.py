@@ -256,6 +256,13 @@ class Trainer:
         # acted on where the loop already waits for the device (single process: every step, for free)
         signal_every = 1 if info.world_size == 1 else min(cfg.log.every, 10)
 
+        def paused(work: Callable[[], None]) -> None:
+            """Run a checkpoint or an evaluation off the training clock: img/s and data_wait cover steps only."""
+            nonlocal window_t0
+            t0 = time.perf_counter()
+            work()
+            window_t0 += time.perf_counter() - t0
+
         def check_finite(at: int) -> None:
             if any_rank(bool(bad_loss)):
                 raise NonFiniteLoss(f"loss became NaN/Inf at or before step {at}; stopping. The last good "
@@ -265,7 +272,7 @@ class Trainer:
 
         try:
             if self.task.can_evaluate and self._due_for_eval() and self.evaluated_epoch < self.step // spe:
-                self._evaluate()  # the run stopped after this epoch's checkpoint but before its evaluation
+                paused(self._evaluate)  # the run stopped after this epoch's checkpoint but before its evaluation
             while self.step < last_step:
                 epoch = self.step // spe
                 self.loader.set_epoch(epoch, (self.step % spe) * tr.accum_steps)
@@ -304,10 +311,10 @@ class Trainer:
                                         "a checkpoint was written: rerun the same command to resume")
                     if self.step % cfg.checkpoint.every == 0 and self.step != last_step:
                         check_finite(self.step)
-                        self.save()
+                        paused(self.save)
                 del it
                 if self.task.can_evaluate and self._due_for_eval():
-                    self._evaluate()
+                    paused(self._evaluate)
             check_finite(self.step)
             if latest is None or self.step > resumed_at:  # a rerun of a finished job rewrites nothing
                 self.save()

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -161,3 +162,25 @@ def test_a_training_run_records_every_group_lr_time_memory_and_its_environment(t
     env = saved["environment"]
     assert env["torch"] == torch.__version__.split("+")[0] or env["torch"] == torch.__version__
     assert any((out / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_throughput_counts_training_steps_only_not_checkpoints_or_evaluations(tiny_cfg, tmp_path, monkeypatch):
+    """A slow checkpoint write (a busy file system) must not show up as slow steps in img/s."""
+    from fdfast.trainer import Trainer, train
+    pause = 3.0
+    real_save = Trainer.save
+
+    def slow_save(self, *args, **kwargs):
+        time.sleep(pause)
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "save", slow_save)
+    out = tmp_path / "run"
+    cfg = tiny_cfg(train={"output_dir": str(out), "max_steps": 4}, checkpoint={"every": 2}, log={"every": 2})
+    summary = train(cfg)
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [2, 4]
+    assert recs[1]["time"] - recs[0]["time"] > pause  # the wall clock includes the checkpoint at step 2 ...
+    window_seconds = 2 * cfg.train.batch_size / recs[1]["img_per_s_per_device"]
+    assert window_seconds < pause / 2  # ... the steps' img/s does not
+    assert 4 * cfg.train.batch_size / summary["img_per_s_per_device_mean"] < pause
