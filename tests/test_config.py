@@ -40,6 +40,21 @@ def test_impossible_combinations():
         load_config(None, ["data.backend=ffcv", "data.train=imagenet/train"])
 
 
+def test_a_distillation_refuses_pretrained_weights_it_would_never_read():
+    with pytest.raises(ConfigError, match=r"model\.pretrained='runs/x' is read by train\.task='finetune'.*train\.resume"):
+        load_config(None, ["model.pretrained=runs/x"])
+    assert load_config(None, ["train.task=finetune", "model.student.num_classes=1000",
+                              "model.pretrained=runs/x"]).model.pretrained == "runs/x"
+
+
+def test_broken_yaml_is_one_line_naming_file_line_and_column(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  student: {img_size: 64\ntrain: {}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(f)
+    assert str(err.value) == f"{f}: not valid YAML: line 3, column 6: expected ',' or '}}', but got ':'"
+
+
 def test_overrides_parse_yaml_values_and_round_trip(tmp_path):
     cfg = load_config(PRETRAIN / "demo_cpu.yaml", ["optim.betas=[0.9, 0.95]", "optim.clip_grad=null",
                                                    "train.max_steps=7"])

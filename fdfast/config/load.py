@@ -136,6 +136,13 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _one_line(error: yaml.YAMLError) -> str:
+    """A YAML parser error as one line: where (line and column, 1-based) and what."""
+    mark = getattr(error, "problem_mark", None)
+    what = " ".join(str(getattr(error, "problem", None) or error).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark is not None else what
+
+
 def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -144,7 +151,7 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_one_line(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, augment, optim, train, compile, checkpoint, log)")
     base = data.pop("base", None)

@@ -40,6 +40,11 @@ class FDConfig:
                  "teacher kind 'esvit' (49 Swin tokens) needs model.student.arch='swinv2'")
             need(not (s.arch == "swinv2" and t.kind != "esvit"),
                  f"student arch 'swinv2' has no CLS token; teacher kind {t.kind!r} needs model.student.arch='beit'")
+            # the student starts from random init (spec); a path here would be silently unread
+            need(not self.model.pretrained,
+                 f"model.pretrained={self.model.pretrained!r} is read by train.task='finetune' and 'linprobe' "
+                 "only: distillation trains the student from random init. To continue a distillation run, "
+                 "use train.resume=PATH (or rerun in the same train.output_dir)")
         else:
             need(s.num_classes > 0, f"train.task={tr.task!r} needs model.student.num_classes > 0")
             need(s.num_classes == self.data.num_classes,
