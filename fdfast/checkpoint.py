@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from . import distributed as dist_utils
-from .errors import UserError
+from .errors import OutputNotWritable, UserError
 from .interop.reading import load_torch_file
 
 FORMAT = "fdfast-train"
@@ -93,14 +93,27 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
+def make_folder(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` (and its parents) for output, or raise :class:`OutputNotWritable` in one line
+    (a file in the way, no permission) instead of an OSError traceback."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        why = f"'{blocker}' is a file, not a folder" if blocker is not None else e.strerror or str(e)
+        raise OutputNotWritable(f"cannot create the output folder '{folder}': {why}; choose another output "
+                                "path") from None
+    return folder
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary name in ``path``'s folder, fsync it, then rename to ``path``.
 
     Same folder so that ``os.replace`` is an atomic rename on one filesystem; the temporary file is removed
     if anything fails, so ``path`` is either the old file or the complete new one.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = make_folder(Path(path).parent) / Path(path).name
     # a fresh unguessable name, created by the writer itself so the file gets the usual umask permissions
     # (tempfile.mkstemp would leave it 0600 after the rename)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"

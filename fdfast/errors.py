@@ -14,5 +14,9 @@ class ConfigError(UserError, ValueError):
     """A config that cannot be used; the message says which key and how to fix it."""
 
 
+class OutputNotWritable(UserError, OSError):
+    """An output folder or file (``train.output_dir``, a .beton, an export) cannot be created or written."""
+
+
 class MissingDependency(UserError, ImportError):
     """An optional library (FFCV, DALI, ...) is not installed; the message says how to install it."""

@@ -23,7 +23,7 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from .errors import UserError
+from .errors import OutputNotWritable, UserError
 
 EXIT_PREEMPTED = 4
 """Exit status after a signal: a checkpoint of the current step was written; rerun to resume."""
@@ -51,10 +51,6 @@ def leave_stop_signals_to_the_parent(worker_id: int = 0) -> None:
 
 class RunLocked(UserError):
     """Another process holds the output folder."""
-
-
-class OutputNotWritable(UserError, OSError):
-    """train.output_dir cannot be created or written."""
 
 
 class RunLock:

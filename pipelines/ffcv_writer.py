@@ -41,7 +41,7 @@ from PIL import Image
 from rich.console import Console
 from rich.markup import escape
 
-from fdfast.checkpoint import atomic_write
+from fdfast.checkpoint import atomic_write, make_folder
 
 from .base import DataError
 from .folder import ProgressBars, check_images, ignore_signals, list_image_folder
@@ -320,6 +320,7 @@ def convert_folder(src: str | os.PathLike, out: str | os.PathLike, *, console: C
     if write_mode not in WRITE_MODES:
         raise DataError(f"--write-mode {write_mode!r} is not one of {', '.join(WRITE_MODES)}")
     listing, samples = _select(src, max_images)
+    make_folder(out.parent)  # before decoding every image, not after
     workers = _workers(num_workers, len(samples))
     with ProgressBars(console) as progress:
         sizes, skipped = _check([p for p, _ in samples], workers=workers, strict=strict, progress=progress,
@@ -348,7 +349,6 @@ def convert_folder(src: str | os.PathLike, out: str | os.PathLike, *, console: C
                 raise RuntimeError(f"{tmp} holds {n} samples, expected {len(good)}")
             check_stop()
 
-        out.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(out)
         atomic_write(out, write)
         progress.update(task, completed=len(good))

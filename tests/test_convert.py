@@ -133,6 +133,17 @@ def test_unusable_source_is_one_clear_line(case, tmp_path, capsys):
     assert "Traceback" not in err and not (tmp_path / "o.beton").exists()
 
 
+@pytest.mark.parametrize("out", ["blocker", "blocker/train.beton"])
+def test_an_output_path_through_a_file_is_one_line_before_any_decoding(split_root, tmp_path, capsys, out):
+    (tmp_path / "blocker").write_text("a file where the output folder should go")
+    rc, _, err = run([split_root / "train", tmp_path / out], capsys)
+    assert rc == 2 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("fdfast-convert: error:")]
+    assert lines == [f"fdfast-convert: error: cannot create the output folder '{tmp_path / 'blocker'}': "
+                     f"'{tmp_path / 'blocker'}' is a file, not a folder; choose another output path"], err
+    assert "check train" not in err  # refused before decoding the whole folder
+
+
 def test_console_script_exit_status_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fdfast.cli.convert", str(tmp_path / "nope"), str(tmp_path / "o")],
                           cwd=REPO, capture_output=True, text=True, timeout=120)

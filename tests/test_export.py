@@ -83,6 +83,17 @@ def test_timm_export_of_a_distilled_vit(vit_run, tmp_path, capsys):
     assert torch.equal(model.forward_features(x), student.forward_features(x))
 
 
+@pytest.mark.parametrize("fmt, out, folder", [("timm", "blocker/exported", "blocker/exported"),
+                                              ("official", "blocker/fd.pth", "blocker")])
+def test_an_output_path_through_a_file_is_one_line(vit_run, tmp_path, capsys, fmt, out, folder):
+    (tmp_path / "blocker").write_text("a file where the output folder should go")
+    assert main([str(vit_run[0]), "--format", fmt, "--out", str(tmp_path / out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"fdfast-export: error: cannot create the output folder "
+                                        f"'{tmp_path / folder}': '{tmp_path / 'blocker'}' is a file, not a "
+                                        "folder; choose another output path"]
+
+
 @torch.no_grad()
 def test_finetune_layout_loads_into_a_stock_timm_beit(vit_run, tmp_path):
     folder, student, _ = vit_run

@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write
+from ..checkpoint import atomic_write, make_folder
 from . import plots
 
 LOSS_NAMES = {"fd": "FD", "ce": "cross-entropy"}  # FD: SmoothL1 vs the whitened teacher tokens
@@ -121,7 +121,7 @@ def write_report(out: Path, models: dict, summaries: dict, landscapes: dict, ski
 def write_outputs(out: Path, models: dict, maps: dict, landscapes: dict, skipped: dict, settings: dict) -> list[Path]:
     """Everything under ``out``: JSON, figures, averaged maps, report. ``models[name]`` holds ``role``,
     ``source``, ``img_size`` and ``layers`` (layer summaries); ``maps[name]`` the chosen layers' maps."""
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     panels = [{"name": n, **m} for n, m in models.items()]
     def per_layer(pick) -> dict:
         return {n: {"layers": [pick(lay) for lay in m["layers"]]} for n, m in models.items()}
