@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .checkpoint import find_latest, list_checkpoints, valid_checkpoints, verify
+from .checkpoint import CheckpointLoadError, find_latest, list_checkpoints, valid_checkpoints, verify
 from .errors import UserError
 
 # Keys that may differ between the checkpoint's config and the rerun's (prefix match on dotted keys).
@@ -108,16 +108,16 @@ def choose_checkpoint(output_dir: Path, resume: Any, on_skip: Callable[[Path, st
     named = Path(str(resume))
     folder = named.parent if named.name == "state.pt" else named
     if not folder.exists():
-        raise ConfigDrift(f"train.resume={str(resume)!r} does not exist; name a step_XXXXXXXX checkpoint folder")
+        raise CheckpointLoadError(f"train.resume={str(resume)!r} does not exist; name a step_XXXXXXXX checkpoint folder")
     if (folder / "meta.json").exists():
         why = verify(folder)
         if why is not None:
-            raise ConfigDrift(f"train.resume={str(resume)!r} is not usable: {why}")
+            raise CheckpointLoadError(f"train.resume={str(resume)!r} is not usable: {why}")
         return [folder]
     latest = find_latest(folder, on_skip)  # a run folder: its newest valid checkpoint
     if latest is None:
         found = "damaged or incomplete checkpoints only" if list_checkpoints(folder) else "no checkpoint"
-        raise ConfigDrift(f"train.resume={str(resume)!r} holds {found}")
+        raise CheckpointLoadError(f"train.resume={str(resume)!r} holds {found}")
     return [latest]
 
 

@@ -243,7 +243,7 @@ def test_resume_from_a_named_checkpoint_starts_a_new_folder_from_it(tiny_cfg, tm
     # once the branch has checkpoints of its own, a rerun continues from them, not from the named one
     train(tiny_cfg(train={"output_dir": str(out), "max_steps": 4, "resume": str(named)}))
     assert f"resumed from {ckpt.ckpt_root(out) / 'step_00000003'} at step 3" in capsys.readouterr().out
-    with pytest.raises(ConfigDrift, match="does not exist"):
+    with pytest.raises(ckpt.CheckpointLoadError, match="does not exist"):
         train(tiny_cfg(train={"output_dir": str(tmp_path / "x"), "resume": str(tmp_path / "nope")}))
 
 
