@@ -10,7 +10,7 @@ import torch
 
 from fdfast.config.data import DataConfig
 
-from .base import BadImages, DataError, Loader, LoaderRequest, MissingDependency, check_batch
+from .base import BadImages, DataError, Loader, LoaderRequest, MissingDependency, check_batch, usable_cores
 from .dali import DALILoader
 from .ffcv import FFCVLoader
 from .nvjpeg import NvJPEGLoader
@@ -35,4 +35,4 @@ def build_loader(data_cfg: DataConfig, *, train: bool, batch_size: int, img_size
 
 
 __all__ = ["BACKENDS", "BadImages", "DataError", "Loader", "LoaderRequest", "MissingDependency", "build_loader",
-           "check_batch"]
+           "check_batch", "usable_cores"]

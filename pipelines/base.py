@@ -21,6 +21,7 @@ the data set, undecodable images) raises :class:`DataError`: one line naming the
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -90,6 +91,11 @@ class Loader(Protocol):
     def skipped_images(self) -> int:
         """Undecodable files this loader dropped so far (``data.on_bad_image=skip``)."""
         ...
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask under SLURM / taskset, else all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def pad_eval_batch(images: torch.Tensor, labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:

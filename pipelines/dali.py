@@ -61,7 +61,7 @@ import torch
 
 from fdfast.config.data import DataConfig
 
-from .base import CROP_RATIO, BadImages, CountedLoader, DataError, LoaderRequest, MissingDependency
+from .base import CROP_RATIO, BadImages, CountedLoader, DataError, LoaderRequest, MissingDependency, usable_cores
 from .folder import decode_fully, find_undecodable, list_image_folder, next_readable
 
 INSTALL_HINT = "install DALI with `pip install 'fdfast[dali]'` (nvidia-dali-cuda120), or in a source checkout `bash scripts/install_optional_deps.sh .venv/bin/python`"
@@ -161,7 +161,7 @@ class DALILoader(CountedLoader):
             self.device_id = index if index is not None else torch.cuda.current_device()
         else:
             self.device_id = None     # DALI's CPU-only mode
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = usable_cores()
         self.num_threads = max(1, min(data.num_workers if data.num_workers > 0 else cores, cores))
 
         w, bs = request.world_size, request.batch_size

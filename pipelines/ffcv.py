@@ -35,7 +35,6 @@ Pitfalls handled here (see FFCV issues #350/#396 and the notes in the project do
 """
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import warnings
@@ -46,7 +45,7 @@ import torch
 
 from fdfast.config.data import DataConfig
 
-from .base import CROP_RATIO, CountedLoader, DataError, LoaderRequest, MissingDependency
+from .base import CROP_RATIO, CountedLoader, DataError, LoaderRequest, MissingDependency, usable_cores
 
 INSTALL_HINT = "install FFCV with `pip install 'fdfast[ffcv]' && pip install --no-deps ffcv==1.0.2` (it compiles: needs a C++ compiler, pkg-config, libturbojpeg and OpenCV, see the README's Install section), or in a source checkout `bash scripts/install_optional_deps.sh .venv/bin/python`"
 
@@ -118,7 +117,7 @@ def _guarded_epoch_iterator(EpochIterator):
 def _usable_workers(requested: int) -> int:
     import numba
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     return max(1, min(requested if requested > 0 else cores, cores, numba.config.NUMBA_NUM_THREADS))
 
 

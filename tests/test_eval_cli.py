@@ -2,6 +2,7 @@
 file of the same weights, through the real command."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,17 @@ def test_fdfast_eval_reproduces_the_runs_own_top1_from_every_form_of_the_model(t
     assert timm_export["top1"] == run["top1"] and abs(timm_export["loss"] - run["loss"]) < 1e-4
     assert best["top1"] == json.loads((out / "summary.json").read_text())["best"]["top1"]
     assert "top-1" in r.stdout and str(out) in r.stdout
+
+    # a folder with fewer classes than the head is evaluated with a warning; with more, refused
+    fewer, more = tmp_path / "fewer", tmp_path / "more"
+    for c in range(3):
+        shutil.copytree(images / "val" / f"class_{c:03d}", fewer / f"class_{c:03d}")
+    shutil.copytree(images / "val", more)
+    shutil.copytree(images / "val" / "class_000", more / "class_009")
+    r = _eval(out, "--data", fewer, "--workers", 0)
+    assert r.returncode == 0 and "warning: --data" in r.stdout and "has 3 classes and" in r.stdout, r.stdout[-2000:]
+    r = _eval(out, "--data", more, "--workers", 0)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith("has 5 classes but ft predicts 4")
 
 
 def test_a_model_without_a_classifier_is_one_line_exit_2(tmp_path, tiny_cfg):

@@ -20,6 +20,7 @@ import pipelines
 from .. import distributed
 from ..config import DataConfig
 from ..errors import UserError
+from ..logging import log
 from ..interop.sources import SourceError, Subject, load_subjects
 from ..tasks.evaluation import count_hits, summarize_counts
 
@@ -31,11 +32,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("models", nargs="+", help="fdfast run / checkpoint / best folder, timm export folder, official file")
     p.add_argument("--data", required=True, help="validation set: ImageFolder root (or a .beton with --backend ffcv)")
     p.add_argument("--backend", default="torchvision", choices=("torchvision", "dali", "nvjpeg", "ffcv"))
-    p.add_argument("--batch-size", type=int, default=100, help="images per process and batch (default 100)")
-    p.add_argument("--workers", type=int, default=8, help="decoding workers per process (default 8)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=100,
+                   help="images per process and batch (default 100)")
+    p.add_argument("--workers", type=_int_at_least(0), default=min(8, pipelines.usable_cores()),
+                   help="decoding workers per process, 0 = in the main process (default: 8, or the usable CPU "
+                   "cores if fewer)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--trust-pickle", action="store_true", help="allow files that pickle code (runs it)")
     return p.parse_args(argv)
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
 
 
 def evaluate(model: Subject, args: argparse.Namespace, info: distributed.DistInfo) -> dict:
@@ -52,6 +68,10 @@ def evaluate(model: Subject, args: argparse.Namespace, info: distributed.DistInf
     if classes is not None and len(classes) > model.num_classes:
         raise SourceError(f"--data {args.data} has {len(classes)} classes but {model.name} predicts "
                           f"{model.num_classes}")
+    if classes is not None and len(classes) < model.num_classes and info.is_main:
+        log(f"warning: --data {args.data} has {len(classes)} classes and {model.name} predicts "
+            f"{model.num_classes}: label i is the i-th class folder in sorted order, so the scores only mean "
+            "something if those folders are the first classes of the training set")
     network = model.network.to(info.device).eval()
     sums = distributed.all_reduce_sum(count_hits(network, loader, model.mean, model.std, info.device))
     return {"model": model.name, "source": model.source, **summarize_counts(sums).as_dict()}
