@@ -349,9 +349,9 @@ def _check_architecture(kind: str, path: Path, fp: dict, model: nn.Module, model
             f"{path}: the {kind!r} file does not fit model.teacher.model={model_name!r} "
             f"(with model.teacher.model_kwargs): {'; '.join(diffs)}.{_suggest(kind, fp)}")
     if family == "vit" and fp.get("pre_norm") != mfp["pre_norm"]:
-        have = "has" if fp["pre_norm"] else "has no"
+        have = "has a" if fp["pre_norm"] else "has no"
         raise TeacherLoadError(
-            f"{path}: the file {have} a pre-transformer LayerNorm (CLIP's ln_pre = timm norm_pre) but "
+            f"{path}: the file {have} pre-transformer LayerNorm (CLIP's ln_pre = timm norm_pre) but "
             f"model.teacher.model={model_name!r} {'does not' if fp['pre_norm'] else 'does'}; "
             f"use a '*_clip_quickgelu_*' model for CLIP files and a plain ViT for DINO/DeiT.{_suggest(kind, fp)}")
     if family == "swin" and fp["windows"] != mfp["windows"]:
