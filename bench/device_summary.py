@@ -2,8 +2,8 @@
 (``None`` where a section did not run or failed), the tables printed last and the markdown beside the JSON.
 
 ``summary``: gpu, step_img_s / official_img_s / x_official / mfu_measured (ViT-B/16 <- CLIP B/16, batch
-128, as shipped), teacher_img_s (compiled + CUDA-graph teacher target), e2e and loader per backend (img/s,
-data-wait), the FlexAttention and per-block variants, ViT-L/14 and SwinV2-B steps, batch 256, the
+128, as shipped), teacher_img_s (compiled + CUDA-graph teacher target), teacher_bf16 (the same with
+``model.teacher.bf16``: img/s and target fidelity), e2e and loader per backend (img/s, data-wait), the FlexAttention and per-block variants, ViT-L/14 and SwinV2-B steps, batch 256, the
 max-autotune variants with their compile time, the profile's ms/step per family, GPU tests and wheels.
 """
 from __future__ import annotations
@@ -73,6 +73,7 @@ def headline(merged: dict) -> dict[str, Any]:
     s128 = merged.get("step128")
     fast, official = _row(s128, "fast"), _row(s128, "official")
     teacher = _row(merged.get("teacher"), "compiled+graph")
+    teacher_bf16 = _row(merged.get("teacher"), "compiled+graph+bf16")
     e2e = _loader_rows(merged.get("e2e"))
     wheels = (merged.get("wheels") or {}).get("wheels", [])
     gt = merged.get("gpu_tests") or {}
@@ -82,6 +83,7 @@ def headline(merged: dict) -> dict[str, Any]:
         "step_img_s": _get(fast, "img_per_s"), "official_img_s": _get(official, "img_per_s"),
         "x_official": fast["img_per_s"] / official["img_per_s"] if fast and official else None,
         "mfu_measured": _get(fast, "mfu_measured"), "teacher_img_s": _get(teacher, "img_per_s"),
+        "teacher_bf16": {k: _get(teacher_bf16, k) for k in ("img_per_s", "target_cosine_min", "target_fd_loss")},
         "e2e": {k: v for k, v in e2e.items() if not k.startswith("step-only")},
         "loader": _loader_rows(merged.get("loader")),
         "variants_b16": {n: _step(s128, n) for n in ("fast", "flex", "flex-small", "blocks")},
@@ -138,10 +140,11 @@ def tables(merged: dict) -> list[Table]:
     if d:
         base = _row(d, "official-fp16")
         out.append((f"Teacher target alone, batch {d.get('batch_size')}",
-                    ["variant", "img/s", "ms", "MFU% spec", "flash-only", "x official"],
+                    ["variant", "img/s", "ms", "MFU% spec", "flash-only", "x official", "target cos min"],
                     [[r["name"], fmt(r.get("img_per_s")), fmt(r["step_ms"]["median"], ".2f") if r.get("ok") else "FAILED",
                       fmt(r["mfu_spec"] * 100 if r.get("mfu_spec") else None), str(r.get("flash_only_ok", "-")),
-                      fmt(r["img_per_s"] / base["img_per_s"] if base and r.get("ok") else None, ".2f")]
+                      fmt(r["img_per_s"] / base["img_per_s"] if base and r.get("ok") else None, ".2f"),
+                      fmt(r.get("target_cosine_min"), ".5f")]
                      for r in d["results"]]))
     for key, title in (("loader", "Loaders alone"), ("e2e", "End to end (loader + fast step)")):
         d = merged.get(key)

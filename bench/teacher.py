@@ -1,10 +1,14 @@
 """``--mode teacher``: the teacher target alone (normalise -> teacher -> whiten), official fp16 with
-explicit attention vs the run's target eager, CUDA-graph replayed, compiled, compiled + replayed."""
+explicit attention vs the run's target eager, CUDA-graph replayed, compiled, compiled + replayed, and with
+the whole teacher in bf16 (``model.teacher.bf16``; its target fidelity against the default target is
+recorded: per-token cosine, max abs difference, and the FD loss between the two targets)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from bench.common import synthetic_batches
 from bench.flops import model_count, spec_peak_tflops
@@ -17,6 +21,7 @@ from fdfast.distributed import DistInfo
 from fdfast.models.attention import only_sdpa_backends
 from fdfast.models.target import TeacherTarget
 from fdfast.models.teachers import build_teacher
+from fdfast.objective import fd_loss
 from fdfast.step import autocast, resolve_precision
 from fdfast.tasks.distill import build_target
 
@@ -27,6 +32,8 @@ TEACHER_VARIANTS = {
     "eager+graph": ["compile.enabled=false", "compile.cuda_graph_teacher=true"],
     "compiled": ["compile.enabled=true", "compile.cuda_graph_teacher=false"],
     "compiled+graph": ["compile.enabled=true", "compile.cuda_graph_teacher=true"],
+    "compiled+bf16": ["compile.enabled=true", "compile.cuda_graph_teacher=false", "model.teacher.bf16=true"],
+    "compiled+graph+bf16": ["compile.enabled=true", "compile.cuda_graph_teacher=true", "model.teacher.bf16=true"],
 }
 
 
@@ -38,6 +45,22 @@ def _flash_only(teacher, precision: str, dev: torch.device) -> dict[str, Any]:
         return {"flash_only_ok": True}
     except Exception as e:  # noqa: BLE001
         return {"flash_only_ok": False, "flash_only_error": f"{type(e).__name__}: {e}"[:300]}
+
+
+@torch.no_grad()
+def target_fidelity(fn, cfg, images: torch.Tensor, precision: str, dev: torch.device) -> dict[str, float]:
+    """How far the target ``fn`` (e.g. a bf16 teacher) is from the default one (the same teacher file and
+    seed, fp32 weights, eager) on ``images``."""
+    with autocast(precision, dev):
+        fast = fn(images).float().clone()  # a graph's output buffer is overwritten by its next replay
+    torch.manual_seed(cfg.train.seed)
+    reference = build_teacher(dataclasses.replace(cfg.model.teacher, bf16=False), cfg.model.student.img_size)
+    with autocast(precision, dev):
+        ref = TeacherTarget(reference.to(dev), cfg.model.whiten_eps)(images).float()
+    cosine = F.cosine_similarity(fast, ref, dim=-1)
+    return {"target_cosine_min": float(cosine.min()), "target_cosine_mean": float(cosine.mean()),
+            "target_max_abs_diff": float((fast - ref).abs().max()),
+            "target_fd_loss": float(fd_loss(fast, ref, cfg.model.loss_beta))}
 
 
 def run_teacher_mode(args, info: DistInfo, rec: Recorder) -> None:
@@ -76,6 +99,8 @@ def run_teacher_mode(args, info: DistInfo, rec: Recorder) -> None:
                           peak_mem_gib=peak_mem_gib(dev), graph_captures=getattr(fn, "captures", None))
             if cuda and extra is not None:
                 result.update(_flash_only(teacher, prec, dev))
+            if extra is not None and cfg.model.teacher.bf16:
+                result.update(target_fidelity(fn, cfg, batches[0][0], prec, dev))
             del fn, teacher, call
         except Exception as e:  # noqa: BLE001
             record_failure(result, e)
@@ -85,7 +110,9 @@ def run_teacher_mode(args, info: DistInfo, rec: Recorder) -> None:
     rows = [[r["name"], r.get("precision", "-"), fmt(r.get("img_per_s")),
              f"{r['step_ms']['median']:.2f}" if r["ok"] else "FAILED",
              fmt(r["mfu_spec"] * 100 if r.get("mfu_spec") else None), str(r.get("flash_only_ok", "-")),
-             fmt(r["img_per_s"] / base["img_per_s"] if base and r["ok"] else None, ".2f")] for r in res]
+             fmt(r["img_per_s"] / base["img_per_s"] if base and r["ok"] else None, ".2f"),
+             fmt(r.get("target_cosine_min"), ".5f")] for r in res]
     if info.is_main:
         print_tables([(f"Teacher target forward alone (batch {bs})",
-                       ["variant", "precision", "img/s", "ms", "MFU% spec", "flash-only ok", "x official"], rows)])
+                       ["variant", "precision", "img/s", "ms", "MFU% spec", "flash-only ok", "x official",
+                        "target cos min"], rows)])

@@ -112,8 +112,11 @@ def test_step_mode_with_baseline_writes_json(tmp_path):
 def test_teacher_loader_e2e_modes(tmp_path):
     data = tmp_path / "jpegs"
     t = throughput.main(["--mode", "teacher", *TINY, "--compile-backend", "aot_eager", "--json", str(tmp_path / "t.json")])
-    assert [r["name"] for r in t["results"]] == ["official-fp16", "eager", "compiled"]  # no CUDA: no graph rows
+    assert [r["name"] for r in t["results"]] == ["official-fp16", "eager", "compiled", "compiled+bf16"]  # no graphs
     assert all(r["ok"] for r in t["results"]), [r.get("traceback") for r in t["results"]]
+    bf16 = t["results"][-1]  # the bf16 teacher's target against the default one: close, not identical
+    assert 0.999 < bf16["target_cosine_min"] < 1 and 0 < bf16["target_fd_loss"] < 1e-3, bf16
+    assert "target_cosine_min" not in t["results"][2]
     t2 = throughput.main(["--mode", "teacher", *TINY, "--variant", "compiled", "--compile-backend", "aot_eager"])
     assert [r["name"] for r in t2["results"]] == ["compiled"]
     ld = throughput.main(["--mode", "loader", *TINY, "--generate", "40", "--data", str(data), "--workers", "1",

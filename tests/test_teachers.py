@@ -19,10 +19,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fdfast.config import TeacherConfig
+from fdfast.config import ConfigError, TeacherConfig
 from fdfast.interop.reading import UnsafePickleError
 from fdfast.models.teacher_files import TeacherLoadError, load_teacher_state_dict
 from fdfast.models.teachers import Teacher, build_teacher
+from fdfast.objective import whiten
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -39,9 +40,9 @@ SWIN_IMG = 64
 SWIN_NAME = "swin_base_patch4_window7_224"
 
 
-def _cfg(kind, model, weights="random", model_kwargs=None, img_size=None, fp16_weights=False):
+def _cfg(kind, model, weights="random", model_kwargs=None, img_size=None, fp16_weights=False, bf16=False):
     return TeacherConfig(kind=kind, model=model, model_kwargs=dict(model_kwargs or {}), weights=str(weights),
-                         img_size=img_size, fp16_weights=fp16_weights)
+                         img_size=img_size, fp16_weights=fp16_weights, bf16=bf16)
 
 
 def _randomize(module: nn.Module, seed: int) -> None:
@@ -449,6 +450,28 @@ def test_fp16_weights_like_clip_convert_weights(clip_files):
         expected = ref.visual.tokens(x)
     assert out.dtype == torch.float32  # the final LayerNorm runs in fp32 under autocast
     torch.testing.assert_close(out, expected, atol=5e-2, rtol=0)  # fp16 matmuls, same function
+
+
+@pytest.mark.parametrize("kind", ["clip", "esvit"])
+def test_bf16_teacher_is_bf16_end_to_end_and_keeps_the_whitened_target(kind, clip_files, esvit_file):
+    if kind == "clip":
+        make, img = (lambda **kw: _clip_teacher(clip_files[1], **kw)), VIT_IMG
+    else:
+        make, img = (lambda **kw: build_teacher(_cfg("esvit", SWIN_NAME, esvit_file[1], SWIN_KW, **kw), SWIN_IMG)), \
+            SWIN_IMG
+    ref, fast = make(), make(bf16=True)
+    floats = [t for t in (*fast.parameters(), *fast.buffers()) if t.is_floating_point()]
+    assert floats and all(t.dtype == torch.bfloat16 for t in floats)
+    x = _images(img, b=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the step's autocast does not reach inside
+        out = fast(x)
+    assert out.dtype == torch.bfloat16  # an fp32 LayerNorm under autocast would have returned fp32
+    target, expected = whiten(out), whiten(ref(x))
+    cosine = F.cosine_similarity(target, expected, dim=-1)
+    assert cosine.min() > 0.999, cosine.min()
+    assert not torch.equal(target, expected)  # it did run in bf16
+    with pytest.raises(ConfigError, match="bf16 and model.teacher.fp16_weights"):
+        _cfg(kind, "x", fp16_weights=True, bf16=True)
 
 
 def test_load_state_dict_without_model_keeps_file_geometry(clip_files, esvit_file):

@@ -87,6 +87,11 @@ class TeacherConfig:
     """Teacher input size; None = student.img_size. CLIP L/14 uses 224 with a 256 px student."""
     fp16_weights: bool = False
     """Keep the teacher's weights in fp16 as the official CLIP loader does (CUDA only)."""
+    bf16: bool = False
+    """Run the whole frozen teacher in bf16: weights, activations and the residual stream, with no
+    autocast casts or fp32 LayerNorm round trips (only the whitening is fp32). Off by default: the
+    default runs fp32 weights under the step's autocast. A speed option whose target fidelity
+    (cosine with the default target) ``bench/throughput.py --mode teacher`` reports."""
 
     def __post_init__(self) -> None:
         for reserved in ("img_size", "num_classes", "pretrained"):
@@ -95,6 +100,8 @@ class TeacherConfig:
                  + ("use model.teacher.img_size" if reserved == "img_size" else
                     "the teacher is always headless (num_classes=0) and loads model.teacher.weights itself"))
         need(self.weights != "", "model.teacher.weights is empty: give the release file's path, or 'random'")
+        need(not (self.bf16 and self.fp16_weights),
+             "model.teacher.bf16 and model.teacher.fp16_weights are two different teacher precisions: set one")
 
 
 @dataclass(kw_only=True)

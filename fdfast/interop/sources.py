@@ -13,7 +13,7 @@ as training. A model argument is one of:
 
 ``--teacher`` (a release file or ``random``, with ``--teacher-kind`` / ``--teacher-model``) is built by
 :func:`fdfast.models.teachers.build_teacher`. Pickled code never runs unless ``trust_pickle`` is set.
-Weights stay fp32 (a teacher configured with ``fp16_weights`` is analysed in fp32).
+Weights stay fp32 (a teacher configured with ``fp16_weights`` or ``bf16`` is analysed in fp32).
 """
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def build_teacher_from_spec(spec: TeacherSpec, student_img_size: int, *, trust_p
 def run_teacher(cfg, *, trust_pickle: bool = False) -> Teacher:
     """The teacher of a distillation run's config. The trainer seeds ``train.seed`` and builds the
     teacher first, so a ``random`` teacher drawn the same way is the very teacher the student learnt from."""
-    tcfg = dataclasses.replace(cfg.model.teacher, fp16_weights=False)
+    tcfg = dataclasses.replace(cfg.model.teacher, fp16_weights=False, bf16=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         return build_teacher(tcfg, cfg.model.student.img_size, trust_pickle=trust_pickle or cfg.model.trust_pickle)

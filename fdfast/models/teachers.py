@@ -26,7 +26,9 @@ and EsViT Swin-B w14 match exactly; DINO/DeiT ViT-B match to 4e-6, because timm 
 
 Precision: weights are fp32 unless ``fp16_weights`` is set. Then conv/linear weights are stored in fp16, as
 CLIP's ``convert_weights`` does, and the forward runs under fp16 autocast. Use it on CUDA only. With random
-B/16 weights it stays within the official fp16 CLIP's own fp16 noise (max 1.2e-2).
+B/16 weights it stays within the official fp16 CLIP's own fp16 noise (max 1.2e-2). ``bf16`` instead casts
+every weight and buffer to bf16 and runs the forward outside autocast, so that activations, LayerNorms and the
+residual stream stay bf16 (the caller whitens the output in fp32).
 """
 from __future__ import annotations
 
@@ -54,14 +56,15 @@ class Teacher(nn.Module):
 
     Attributes: ``kind`` (clip | dino | deit | esvit), ``mean``/``std`` (the normalisation this teacher
     expects: CLIP's for clip, ImageNet's otherwise), ``embed_dim`` (D), ``num_tokens`` (N at ``img_size``),
-    ``img_size`` (input size; the step resizes when it differs from the student's), ``fp16_weights``,
+    ``img_size`` (input size; the step resizes when it differs from the student's), ``fp16_weights``, ``bf16``,
     ``weights`` (the file, or 'random') and ``sha256`` (of that file; None for random weights).
 
     No parameter requires grad and the module never leaves eval mode (see :meth:`train`).
     """
 
     def __init__(self, model: nn.Module, *, kind: str, img_size: int, model_name: str = "",
-                 weights: str = "random", fp16_weights: bool = False, sha256: Optional[str] = None):
+                 weights: str = "random", fp16_weights: bool = False, bf16: bool = False,
+                 sha256: Optional[str] = None):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown teacher kind {kind!r}; expected one of {TEACHER_KINDS}")
@@ -76,6 +79,9 @@ class Teacher(nn.Module):
         self.weights = weights
         self.sha256 = sha256
         self.fp16_weights = bool(fp16_weights)
+        self.bf16 = bool(bf16)
+        if self.bf16:
+            model.to(torch.bfloat16)
         self.embed_dim = int(model.num_features)
         self.num_tokens = _num_output_tokens(model, info.family)
         self.requires_grad_(False)
@@ -96,6 +102,10 @@ class Teacher(nn.Module):
                 # does. This nested autocast deliberately overrides a caller's bf16 autocast.
                 with torch.autocast(device_type=x.device.type, dtype=torch.float16):
                     out = self.model.forward_features(x)
+            elif self.bf16:
+                # outside autocast: under it, LayerNorm would return fp32 and every linear cast it back
+                with torch.autocast(device_type=x.device.type, enabled=False):
+                    out = self.model.forward_features(x.to(torch.bfloat16))
             else:
                 out = self.model.forward_features(x)
         if self.family == "swin":
@@ -104,7 +114,7 @@ class Teacher(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind!r}, model={self.model_name!r}, weights={self.weights!r}, img_size={self.img_size}, "
-                f"tokens={self.num_tokens}x{self.embed_dim}, fp16_weights={self.fp16_weights}")
+                f"tokens={self.num_tokens}x{self.embed_dim}, fp16_weights={self.fp16_weights}, bf16={self.bf16}")
 
 
 def _num_output_tokens(model: nn.Module, family: str) -> int:
@@ -146,7 +156,7 @@ def build_teacher(cfg: Any, student_img_size: int, *, trust_pickle: bool = False
     if cfg.fp16_weights:
         _convert_weights_to_fp16(model)
     return Teacher(model, kind=kind, img_size=img_size, model_name=cfg.model, weights=weights,
-                   fp16_weights=cfg.fp16_weights, sha256=sha256)
+                   fp16_weights=cfg.fp16_weights, bf16=cfg.bf16, sha256=sha256)
 
 
 def _check_family(model: nn.Module, kind: str, name: str) -> None:
