@@ -36,7 +36,8 @@ from .tracking import Tracker, device_peak_memory_gib, run_environment
 from .optim import Schedule, build_optimizer
 from .resume import archive_config, check_config_drift, choose_checkpoint, map_position
 from .step import TrainStep, resolve_precision
-from .tasks import TASKS, Task
+from .tasks import TASKS, EvaluationStopped, Task
+from .tasks.evaluation import StopCheck
 
 
 class NonFiniteLoss(RuntimeError):
@@ -256,6 +257,20 @@ class Trainer:
         # acted on where the loop already waits for the device (single process: every step, for free)
         signal_every = 1 if info.world_size == 1 else min(cfg.log.every, 10)
 
+        def stop_and_save(where: str) -> None:
+            check_finite(self.step)
+            self.save()
+            raise Preempted(f"stopped by signal {stop.signum or 'on another rank'} {where}; a checkpoint was "
+                            "written: rerun the same command to resume")
+
+        def evaluate() -> None:
+            # SLURM and Kubernetes send SIGKILL a grace period after SIGTERM: a full validation pass may
+            # outlast it, so a stop abandons the pass (redone on resume) instead of waiting for its end
+            try:
+                self._evaluate(lambda batch: batch % signal_every == 0 and any_rank(stop.requested))
+            except EvaluationStopped:
+                stop_and_save(f"during the evaluation at step {self.step} (it is redone on resume)")
+
         def paused(work: Callable[[], None]) -> None:
             """Run a checkpoint or an evaluation off the training clock: img/s and data_wait cover steps only."""
             nonlocal window_t0
@@ -272,7 +287,7 @@ class Trainer:
 
         try:
             if self.task.can_evaluate and self._due_for_eval() and self.evaluated_epoch < self.step // spe:
-                paused(self._evaluate)  # the run stopped after this epoch's checkpoint but before its evaluation
+                paused(evaluate)  # the run stopped after this epoch's checkpoint but before its evaluation
             while self.step < last_step:
                 epoch = self.step // spe
                 self.loader.set_epoch(epoch, (self.step % spe) * tr.accum_steps)
@@ -305,16 +320,13 @@ class Trainer:
                         train_seconds += dt
                         window_t0, window_steps, data_wait = now, 0, 0.0
                     if self.step % signal_every == 0 and any_rank(stop.requested) and self.step != last_step:
-                        check_finite(self.step)
-                        self.save()
-                        raise Preempted(f"stopped by signal {stop.signum or 'on another rank'} at step {self.step}; "
-                                        "a checkpoint was written: rerun the same command to resume")
+                        stop_and_save(f"at step {self.step}")
                     if self.step % cfg.checkpoint.every == 0 and self.step != last_step:
                         check_finite(self.step)
                         paused(self.save)
                 del it
                 if self.task.can_evaluate and self._due_for_eval():
-                    paused(self._evaluate)
+                    paused(evaluate)
             check_finite(self.step)
             if latest is None or self.step > resumed_at:  # a rerun of a finished job rewrites nothing
                 self.save()
@@ -337,9 +349,9 @@ class Trainer:
             return True
         return self.step % self.steps_per_epoch == 0 and (self.step // self.steps_per_epoch) % self.cfg.train.eval_every == 0
 
-    def _evaluate(self) -> None:
+    def _evaluate(self, should_stop: Optional[StopCheck] = None) -> None:
         ep = math.ceil(self.step / self.steps_per_epoch)
-        res = self.task.evaluate()
+        res = self.task.evaluate(should_stop)
         res.update(step=self.step, epoch=ep, kind="eval")
         self.evaluated_epoch = max(self.evaluated_epoch, self.step // self.steps_per_epoch)
         if res.get("top1", -1) > self.best.get("top1", -1):

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -590,7 +592,7 @@ def test_best_weights_are_kept_beside_the_last_checkpoints(tmp_path, folders, mo
     train_dir, val = folders
     scripted, seen = iter([10.0, 30.0, 20.0]), []
 
-    def fake_eval(self):
+    def fake_eval(self, should_stop=None):
         seen.append(copy.deepcopy(self.model.state_dict()))
         return {"top1": next(scripted), "top5": 90.0, "loss": 1.0, "count": 17}
 
@@ -612,7 +614,7 @@ def test_an_epoch_checkpointed_but_not_evaluated_is_evaluated_on_resume(tmp_path
     real = FinetuneTask.evaluate
     calls = []
 
-    def killed_in_eval(self):
+    def killed_in_eval(self, should_stop=None):
         calls.append("x")
         raise KeyboardInterrupt("killed after the epoch's checkpoint, before its evaluation")
 
@@ -626,6 +628,38 @@ def test_an_epoch_checkpointed_but_not_evaluated_is_evaluated_on_resume(tmp_path
     run_train(config_from_dict(d), CPU)
     _, evals = _metrics(tmp_path / "ft")
     assert [e["epoch"] for e in evals] == [1, 2], "epoch 1 was checkpointed but never evaluated"
+
+
+def test_a_stop_signal_during_an_evaluation_abandons_it_checkpoints_and_the_rerun_redoes_it(tmp_path, folders,
+                                                                                          monkeypatch):
+    """A preemption grace period can be shorter than a validation pass: the pass stops at the next batch."""
+    from fdfast.tasks import evaluation
+    from fdfast.trainer import Preempted
+    from fdfast.trainer import train as run_train
+
+    train_dir, val = folders
+    real_counts, batches = evaluation.eval_counts, []
+
+    def signalled_during_first_batch(logits, labels):
+        if not batches:
+            os.kill(os.getpid(), signal.SIGTERM)  # what SLURM sends; the trainer's handler only sets a flag
+        batches.append(len(labels))
+        return real_counts(logits, labels)
+
+    d = _e2e_dict(tmp_path, train_dir, val, tmp_path / "ft", epochs=2)
+    d["checkpoint"] = {"every": 100}  # no periodic checkpoint at the epoch end: the stop must write one
+    monkeypatch.setattr(evaluation, "eval_counts", signalled_during_first_batch)
+    with pytest.raises(Preempted, match="during the evaluation at step 3"):
+        run_train(config_from_dict(d), CPU)
+    assert len(batches) == 1  # 17 images = 3 batches of 8: the pass stopped before the second
+    assert ckpt.find_latest(tmp_path / "ft").name == "step_00000003"
+    steps, evals = _metrics(tmp_path / "ft")
+    assert [r["step"] for r in steps] == [1, 2, 3] and evals == []  # no partial top-1 recorded
+    monkeypatch.setattr(evaluation, "eval_counts", real_counts)
+    run_train(config_from_dict(d), CPU)
+    steps, evals = _metrics(tmp_path / "ft")
+    assert [r["step"] for r in steps if r.get("kind") is None] == [1, 2, 3, 4, 5, 6]
+    assert [e["epoch"] for e in evals] == [1, 2] and all(e["count"] == 17 for e in evals)
 
 
 def test_a_finetune_resume_skips_a_damaged_checkpoint_and_does_not_reread_pretrained(tmp_path, folders, capsys):

@@ -13,8 +13,12 @@ loop (optimizer, schedule, accumulation, cadences, checkpoints). A task provides
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
+
+from .evaluation import StopCheck
 
 
 class Task:
@@ -29,7 +33,8 @@ class Task:
     def can_evaluate(self) -> bool:
         return False
 
-    def evaluate(self) -> dict:
+    def evaluate(self, should_stop: Optional[StopCheck] = None) -> dict:
+        """Top-1 / top-5 / loss on data.val; ``should_stop`` may abandon the pass (see ``count_hits``)."""
         raise NotImplementedError(f"{type(self).__name__} has no evaluation")
 
     def state_dict(self) -> dict:

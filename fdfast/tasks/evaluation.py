@@ -12,7 +12,7 @@ normalises with CLIP's mean/std (spec pitfall 1; inputs scaled by ~0.85). ``trai
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -58,14 +58,25 @@ def summarize_counts(sums: torch.Tensor) -> EvalResult:
     return EvalResult(top1=100.0 * c1 / n, top5=100.0 * c5 / n, loss=loss / n, count=int(round(n)))
 
 
+class EvaluationStopped(Exception):
+    """A stop signal arrived during an evaluation pass; its partial result is dropped."""
+
+
+# batch index -> whether to abandon the pass now (every rank must answer alike for the same index)
+StopCheck = Callable[[int], bool]
+
+
 @torch.no_grad()
 def count_hits(forward: Callable[[torch.Tensor], torch.Tensor], batches, mean, std,
-               device: torch.device) -> torch.Tensor:
+               device: torch.device, should_stop: Optional[StopCheck] = None) -> torch.Tensor:
     """Summed :func:`eval_counts` of ``forward`` over uint8 ``batches``, normalised with ``mean``/``std``,
-    in fp32 without autocast (the official ``validate()`` runs without AMP); this rank's part only."""
+    in fp32 without autocast (the official ``validate()`` runs without AMP); this rank's part only.
+    ``should_stop(i)`` is asked before batch ``i``; True raises :class:`EvaluationStopped`."""
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     with torch.autocast(device.type, enabled=False):
-        for images, labels in batches:
+        for i, (images, labels) in enumerate(batches):
+            if should_stop is not None and should_stop(i):
+                raise EvaluationStopped(f"stopped before evaluation batch {i}")
             sums += eval_counts(forward(normalize(images, mean, std)), labels)
     return sums
 
@@ -104,7 +115,7 @@ class Evaluator:
                 images, labels = pad_eval_batch(images, labels, self.batch_size)
             yield images, labels
 
-    def __call__(self) -> dict:
+    def __call__(self, should_stop: Optional[StopCheck] = None) -> dict:
         dev = self.info.device
         self.model.eval()
         # The eval pass must not move the training RNG streams (DataLoader iterators draw a seed from
@@ -114,7 +125,7 @@ class Evaluator:
         try:
             with torch.random.fork_rng(devices=fork_devices):
                 self.loader.set_epoch(0)
-                sums = count_hits(self.forward, self._batches(), self.mean, self.std, dev)
+                sums = count_hits(self.forward, self._batches(), self.mean, self.std, dev, should_stop)
         finally:
             self.restore_mode()
         all_reduce_sum(sums)  # exact totals over every rank; nothing averaged per batch or per rank

@@ -18,6 +18,7 @@ train mode either way, so it normalises with batch statistics and tracks running
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -34,7 +35,7 @@ from ..optim import param_groups
 from ..parallelize import prepare_model, wrap_for_training
 from ..resume import will_resume
 from .base import Task
-from .evaluation import Evaluator
+from .evaluation import Evaluator, StopCheck
 
 
 def get_classifier(model: nn.Module, arch: str) -> nn.Module:
@@ -164,8 +165,8 @@ class FinetuneTask(Task):
     def can_evaluate(self) -> bool:
         return self.evaluator is not None
 
-    def evaluate(self) -> dict:
-        return self.evaluator()
+    def evaluate(self, should_stop: Optional[StopCheck] = None) -> dict:
+        return self.evaluator(should_stop)
 
     def state_dict(self) -> dict:
         return dict(self.extra)
