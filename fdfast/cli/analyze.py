@@ -3,7 +3,7 @@
     fdfast-analyze runs/demo --data runs/demo/images/val --out runs/demo/analysis
     fdfast-analyze fd_clip_b16.pth --teacher ViT-B-16.pt --teacher-kind clip --data imagenet/val --out fd_vs_clip
 
-Exit codes: 0 done; 2 a user-fixable error (a model, a file, an option: one line, no traceback).
+Exit codes: 0 done; 2 a user-fixable error (a model, a file, an option: one line, no traceback); 130 interrupted.
 """
 from __future__ import annotations
 
@@ -84,6 +84,10 @@ def main(argv=None) -> int:
     except UserError as e:  # bad input: one clear line, no traceback
         print(f"{PROG}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; the files already in {args.out} are complete, the rest was not written",
+              file=sys.stderr)
+        return 130
     return 0
 
 

@@ -6,7 +6,7 @@
 A model is an fdfast fine-tune run folder, checkpoint or ``best/`` folder (evaluated with the run's own
 ``data.eval_resize`` and ``train.eval_norm``), a timm export folder (its ``pretrained_cfg``), or an
 official FD fine-tuned checkpoint (architecture read from the tensors, ImageNet normalisation). Exit 2
-with one line for anything the user can fix.
+with one line for anything the user can fix; 130 when interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
@@ -86,6 +86,9 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"{PROG}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; no result was written", file=sys.stderr)
+        return 130
     finally:
         distributed.shutdown()
     if info.is_main:

@@ -8,7 +8,7 @@ writes a folder in the timm / Hugging Face layout (``model.safetensors`` + ``con
 ``.safetensors`` file with ``config.json`` beside it) that ``timm.create_model('local-dir:<folder>',
 pretrained=True)`` loads exactly; distilled and fine-tuned students both work. ``--format official`` writes
 ``{'model': {'encoder.*', 'decoder.*'}}`` for the official fine-tuning code (distilled students only).
-Exit codes: 0 written; 2 a file or option the user can fix (one line, no traceback).
+Exit codes: 0 written; 2 a file or option the user can fix (one line, no traceback); 130 interrupted.
 """
 from __future__ import annotations
 
@@ -48,6 +48,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (UserError, OSError) as e:  # OSError: --out cannot be written (permissions, space)
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing was written (files are only renamed into place when complete)",
+              file=sys.stderr)
+        return 130
     print(out)  # stdout: just the written path, for scripts; the details went to the log (stderr)
     return 0
 
