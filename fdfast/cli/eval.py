@@ -18,8 +18,9 @@ from pathlib import Path
 import pipelines
 
 from .. import distributed
+from ..checkpoint import atomic_write, make_folder
 from ..config import DataConfig
-from ..errors import UserError
+from ..errors import OutputNotWritable, UserError
 from ..logging import log
 from ..interop.sources import SourceError, Subject, load_subjects
 from ..tasks.evaluation import count_hits, summarize_counts
@@ -77,12 +78,28 @@ def evaluate(model: Subject, args: argparse.Namespace, info: distributed.DistInf
     return {"model": model.name, "source": model.source, **summarize_counts(sums).as_dict()}
 
 
+def _write_json(path: Path, results: list[dict]) -> None:
+    try:
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
+    except OSError as e:  # a folder of that name, a full disk: the results are printed above
+        raise OutputNotWritable(f"--json {path}: cannot write it ({e.strerror or e}); the results are "
+                                "printed above") from None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     info = distributed.init_distributed()
     try:
+        if args.json:
+            make_folder(Path(args.json).parent)  # before the evaluation, not after it
         models = load_subjects(args.models, with_teacher=False, trust_pickle=args.trust_pickle)
         results = [evaluate(m, args, info) for m in models]
+        if info.is_main:
+            for r in results:
+                print(f"{r['model']}: top-1 {r['top1']:.3f}%  top-5 {r['top5']:.3f}%  loss {r['loss']:.4f}  "
+                      f"({r['count']} images; {r['source']})")
+            if args.json:
+                _write_json(Path(args.json), results)
     except UserError as e:
         print(f"{PROG}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
@@ -91,12 +108,6 @@ def main(argv=None) -> int:
         return 130
     finally:
         distributed.shutdown()
-    if info.is_main:
-        for r in results:
-            print(f"{r['model']}: top-1 {r['top1']:.3f}%  top-5 {r['top5']:.3f}%  loss {r['loss']:.4f}  "
-                  f"({r['count']} images; {r['source']})")
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 
