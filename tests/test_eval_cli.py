@@ -66,6 +66,11 @@ def test_fdfast_eval_reproduces_the_runs_own_top1_from_every_form_of_the_model(t
     assert r.returncode == 0 and "warning: --data" in r.stdout and "has 3 classes and" in r.stdout, r.stdout[-2000:]
     r = _eval(out, "--data", more, "--workers", 0)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith("has 5 classes but ft predicts 4")
+    # an unwritable --json (here a folder) loses nothing: the results are printed, then one line, exit 2
+    r = _eval(out, "--data", images / "val", "--workers", 0, "--json", fewer)
+    assert r.returncode == 2 and "top-1" in r.stdout and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (f"fdfast-eval: OutputNotWritable: --json {fewer}: cannot write it "
+                                                 "(Is a directory); the results are printed above")
 
 
 def test_a_model_without_a_classifier_is_one_line_exit_2(tmp_path, tiny_cfg):
