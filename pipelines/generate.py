@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fdfast.checkpoint import make_folder
+from fdfast.errors import UserError
+
 
 def _image(rng: np.random.Generator, cls: int, h: int, w: int) -> np.ndarray:
     yy, xx = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
@@ -46,8 +49,7 @@ def make_image_folder(
     rng = np.random.default_rng(seed)
     n = 0
     for c in range(num_classes):
-        d = root / f"class_{c:03d}"
-        d.mkdir(parents=True, exist_ok=True)
+        d = make_folder(root / f"class_{c:03d}")
         for i in range(per_class):
             h, w = sizes[(c * per_class + i) % len(sizes)]
             arr = _image(rng, c, h, w)
@@ -88,10 +90,13 @@ def main(argv=None) -> int:
     p.add_argument("--per-class", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.demo:
-        out = make_demo_data(args.root, num_classes=args.classes, seed=args.seed)
-    else:
-        out = make_image_folder(args.root, num_classes=args.classes, per_class=args.per_class, seed=args.seed)
+    try:
+        if args.demo:
+            out = make_demo_data(args.root, num_classes=args.classes, seed=args.seed)
+        else:
+            out = make_image_folder(args.root, num_classes=args.classes, per_class=args.per_class, seed=args.seed)
+    except UserError as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
     print(out)
     return 0
 

@@ -97,3 +97,15 @@ def test_synthetic_and_request_errors():
         loader("synthetic", batch_size=32, world_size=2)
     with pytest.raises(ValueError, match="rank 2 is outside world_size 2"):
         loader("synthetic", rank=2, world_size=2)
+
+
+def test_demo_data_generator_refuses_a_file_in_the_way_in_one_line(tmp_path, capsys):
+    from pipelines import generate
+
+    (tmp_path / "blocker").write_text("x")
+    with pytest.raises(SystemExit) as stop:
+        generate.main(["--demo", str(tmp_path / "blocker")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"python -m pipelines.generate: error: cannot create the output folder '{tmp_path / 'blocker'}/train/"
+        f"class_000': '{tmp_path / 'blocker'}' is a file, not a folder; choose another output path"]
