@@ -44,8 +44,10 @@ from bench.profiling import run_profile_mode  # noqa: E402
 from bench.report import Recorder, environment  # noqa: E402
 from bench.step import run_step_mode  # noqa: E402
 from bench.teacher import TEACHER_VARIANTS, run_teacher_mode  # noqa: E402
+from fdfast.cli.args import int_at_least  # noqa: E402
 from fdfast.config import load_config  # noqa: E402
 from fdfast.distributed import init_distributed, shutdown  # noqa: E402
+from fdfast.errors import UserError  # noqa: E402
 
 MODES = {"step": run_step_mode, "teacher": run_teacher_mode, "loader": run_loader_mode, "e2e": run_e2e_mode,
          "profile": run_profile_mode}
@@ -66,17 +68,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="step mode: a fast variant with extra overrides, repeatable (default: one 'fast'); "
                         f"teacher mode: variant names of {list(TEACHER_VARIANTS)}")
     p.add_argument("--baseline", action="store_true", help="step mode: also time the official-style step")
-    p.add_argument("--steps", type=int, default=20, help="timed (or profiled) iterations")
-    p.add_argument("--warmup", type=int, default=5, help="untimed iterations first (compile, capture)")
-    p.add_argument("--batch-size", type=int, default=None, help="per-GPU batch (default: config's, 128)")
+    p.add_argument("--steps", type=int_at_least(1), default=20, help="timed (or profiled) iterations")
+    p.add_argument("--warmup", type=int_at_least(0), default=5, help="untimed iterations first (compile, capture)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=None, help="per-GPU batch (default: config's, 128)")
     p.add_argument("--backends", default="torchvision,nvjpeg,ffcv,dali,synthetic",
                    help=f"loader / e2e mode, comma-separated of {','.join(LOADER_BACKENDS)} (dali@LOAD: "
                         "DALI with that hw_decoder_load)")
     p.add_argument("--data", default=None, help="ImageFolder for loader / e2e mode")
     p.add_argument("--beton", default=None, help=".beton for the ffcv backend (written from --data if missing)")
-    p.add_argument("--generate", type=int, default=0, metavar="N",
+    p.add_argument("--generate", type=int_at_least(0), default=0, metavar="N",
                    help="write N ImageNet-sized synthetic JPEGs (at --data, or a temp dir) first")
-    p.add_argument("--workers", type=int, default=None, help="loader workers/threads (default: data.num_workers)")
+    p.add_argument("--workers", type=int_at_least(0), default=None, help="loader workers/threads (default: data.num_workers)")
     p.add_argument("--tiny", action="store_true", help="tiny student + teacher (CPU smoke runs)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--compile-backend", default=None,
@@ -155,4 +157,8 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # a config key, a data path: one line, as fdfast-train says it
+        print(f"bench/throughput.py: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(2)

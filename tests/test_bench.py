@@ -142,10 +142,19 @@ def test_bad_override_and_options_fail_fast(capsys):
         throughput.main(["--mode", "step", *TINY, "--set", "train.no_such_switch=1"])
     with pytest.raises(Exception, match="has moved: use 'compile.enabled'"):
         throughput.main(["--mode", "step", *TINY, "--set", "train.compile=true"])
-    for bad in (["--backends", "torchvision@0.5"], ["--mode", "teacher", "--variant", "fastest"]):
+    for bad in (["--backends", "torchvision@0.5"], ["--mode", "teacher", "--variant", "fastest"], ["--steps", "0"]):
         with pytest.raises(SystemExit):
             throughput.parse_args(bad)
-    assert "teacher mode knows" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "teacher mode knows" in err and "--steps: must be >= 1, got 0" in err
+
+
+def test_a_bad_config_on_the_command_line_is_one_line_exit_2():
+    proc = subprocess.run([sys.executable, "bench/throughput.py", "--tiny", "--set", "optim.bas_lr=1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("bench/throughput.py: ConfigError: unknown config key "
+                                                          "'optim.bas_lr'")
 
 
 def test_profile_mode_writes_the_family_table(tmp_path):

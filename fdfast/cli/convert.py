@@ -19,6 +19,7 @@ from rich.filesize import decimal
 from pipelines import ffcv_writer as W
 
 from ..errors import UserError
+from .args import int_at_least
 
 PROG = "fdfast-convert"
 
@@ -38,19 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compress-probability", type=float, default=W.DEFAULT_COMPRESS_PROBABILITY,
                    help="share stored as JPEG with --write-mode proportion (default: %(default)s)")
     p.add_argument("--jpeg-quality", type=int, default=W.DEFAULT_JPEG_QUALITY, help="(default: %(default)s)")
-    p.add_argument("--num-workers", type=_positive_int, help="decoding / writing processes (default: all cores)")
-    p.add_argument("--chunk-size", type=_positive_int, default=100, help="images per work item (default: %(default)s)")
-    p.add_argument("--max-images", type=_positive_int, help="only N images per split, spread over the classes")
+    p.add_argument("--num-workers", type=int_at_least(1), help="decoding / writing processes (default: all cores)")
+    p.add_argument("--chunk-size", type=int_at_least(1), default=100, help="images per work item (default: %(default)s)")
+    p.add_argument("--max-images", type=int_at_least(1), help="only N images per split, spread over the classes")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     p.add_argument("--overwrite", action="store_true", help="replace existing .beton files")
     p.add_argument("--seed", type=int, default=0, help="seed of the proportion-mode JPEG coin (default: %(default)s)")
     return p
-
-
-def _positive_int(text: str) -> int:
-    if int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return int(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from ..errors import OutputNotWritable, UserError
 from ..logging import log
 from ..interop.sources import SourceError, Subject, load_subjects
 from ..tasks.evaluation import count_hits, summarize_counts
+from .args import int_at_least
 
 PROG = "fdfast-eval"
 
@@ -33,26 +34,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("models", nargs="+", help="fdfast run / checkpoint / best folder, timm export folder, official file")
     p.add_argument("--data", required=True, help="validation set: ImageFolder root (or a .beton with --backend ffcv)")
     p.add_argument("--backend", default="torchvision", choices=("torchvision", "dali", "nvjpeg", "ffcv"))
-    p.add_argument("--batch-size", type=_int_at_least(1), default=100,
+    p.add_argument("--batch-size", type=int_at_least(1), default=100,
                    help="images per process and batch (default 100)")
-    p.add_argument("--workers", type=_int_at_least(0), default=min(8, pipelines.usable_cores()),
+    p.add_argument("--workers", type=int_at_least(0), default=min(8, pipelines.usable_cores()),
                    help="decoding workers per process, 0 = in the main process (default: 8, or the usable CPU "
                    "cores if fewer)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--trust-pickle", action="store_true", help="allow files that pickle code (runs it)")
     return p.parse_args(argv)
-
-
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-    return parse
 
 
 def evaluate(model: Subject, args: argparse.Namespace, info: distributed.DistInfo) -> dict:
