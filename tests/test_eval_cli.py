@@ -78,3 +78,13 @@ def test_a_model_without_a_classifier_is_one_line_exit_2(tmp_path, tiny_cfg):
     train(tiny_cfg(train={"output_dir": str(tmp_path / "fd"), "max_steps": 1}))
     r = _eval(tmp_path / "fd", "--data", images, "--workers", 0)
     assert r.returncode == 2 and "has no classifier head" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_worker_default_is_eight_or_the_usable_cores_if_fewer(monkeypatch):
+    import pipelines
+    from fdfast.cli import eval as eval_cli
+
+    for cores, expected in ((2, 2), (64, 8)):
+        monkeypatch.setattr(pipelines, "usable_cores", lambda cores=cores: cores)
+        assert eval_cli.parse_args(["run", "--data", "val"]).workers == expected
+    assert eval_cli.parse_args(["run", "--data", "val", "--workers", "0"]).workers == 0  # main process
