@@ -3,8 +3,9 @@
 
 ``summary``: gpu, step_img_s / official_img_s / x_official / mfu_measured (ViT-B/16 <- CLIP B/16, batch
 128, as shipped), teacher_img_s (compiled + CUDA-graph teacher target), teacher_bf16 (the same with
-``model.teacher.bf16``: img/s and target fidelity), e2e and loader per backend (img/s, data-wait), the FlexAttention and per-block variants, ViT-L/14 and SwinV2-B steps, batch 256, the
-max-autotune variants with their compile time, the profile's ms/step per family, GPU tests and wheels.
+``model.teacher.bf16``: img/s and target fidelity), e2e and loader per backend (img/s, data-wait), the
+FlexAttention and per-block variants, ViT-L/14 and SwinV2-B steps, batch 256, the max-autotune variants
+with their compile time, the profile's ms/step per family, GPU tests and wheels.
 """
 from __future__ import annotations
 

@@ -78,7 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--beton", default=None, help=".beton for the ffcv backend (written from --data if missing)")
     p.add_argument("--generate", type=int_at_least(0), default=0, metavar="N",
                    help="write N ImageNet-sized synthetic JPEGs (at --data, or a temp dir) first")
-    p.add_argument("--workers", type=int_at_least(0), default=None, help="loader workers/threads (default: data.num_workers)")
+    p.add_argument("--workers", type=int_at_least(0), default=None,
+                   help="loader workers/threads (default: data.num_workers)")
     p.add_argument("--tiny", action="store_true", help="tiny student + teacher (CPU smoke runs)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--compile-backend", default=None,

@@ -109,7 +109,8 @@ def choose_checkpoint(output_dir: Path, resume: Any, on_skip: Callable[[Path, st
     named = Path(str(resume))
     folder = named.parent if named.name == "state.pt" else named
     if not folder.exists():
-        raise CheckpointLoadError(f"train.resume={str(resume)!r} does not exist; name a step_XXXXXXXX checkpoint folder")
+        raise CheckpointLoadError(f"train.resume={str(resume)!r} does not exist; name a step_XXXXXXXX checkpoint "
+                                  "folder")
     if (folder / "meta.json").exists():
         why = verify(folder)
         if why is not None:

@@ -61,7 +61,8 @@ import torch
 
 from fdfast.config.data import DataConfig
 
-from .base import CROP_RATIO, BadImages, CountedLoader, DataError, LoaderRequest, MissingDependency, usable_cores
+from .base import (CROP_RATIO, BadImages, CountedLoader, DataError, LoaderRequest, MissingDependency,
+                   usable_cores)
 from .folder import decode_fully, find_undecodable, list_image_folder, next_readable
 
 INSTALL_HINT = "install DALI with `pip install 'fdfast[dali]'` (nvidia-dali-cuda120), or in a source checkout `bash scripts/install_optional_deps.sh .venv/bin/python`"

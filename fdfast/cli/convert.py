@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share stored as JPEG with --write-mode proportion (default: %(default)s)")
     p.add_argument("--jpeg-quality", type=int, default=W.DEFAULT_JPEG_QUALITY, help="(default: %(default)s)")
     p.add_argument("--num-workers", type=int_at_least(1), help="decoding / writing processes (default: all cores)")
-    p.add_argument("--chunk-size", type=int_at_least(1), default=100, help="images per work item (default: %(default)s)")
+    p.add_argument("--chunk-size", type=int_at_least(1), default=100,
+                   help="images per work item (default: %(default)s)")
     p.add_argument("--max-images", type=int_at_least(1), help="only N images per split, spread over the classes")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     p.add_argument("--overwrite", action="store_true", help="replace existing .beton files")

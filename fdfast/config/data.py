@@ -61,7 +61,8 @@ class DataConfig:
         need(self.num_classes > 0, f"data.num_classes must be > 0, got {self.num_classes}")
         need(self.synthetic_size > 0, f"data.synthetic_size must be > 0, got {self.synthetic_size}")
         need(self.eval_resize > 0, f"data.eval_resize must be > 0, got {self.eval_resize}")
-        need(self.num_workers >= 0, f"data.num_workers must be >= 0 (0 = load in the main process), got {self.num_workers}")
+        need(self.num_workers >= 0,
+             f"data.num_workers must be >= 0 (0 = load in the main process), got {self.num_workers}")
         need(self.prefetch >= 1, f"data.prefetch must be >= 1, got {self.prefetch}")
         need(0 <= self.dali_hw_decoder_load <= 1,
              f"data.dali_hw_decoder_load must be in [0, 1], got {self.dali_hw_decoder_load}")
