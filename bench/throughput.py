@@ -44,10 +44,9 @@ from bench.profiling import run_profile_mode  # noqa: E402
 from bench.report import Recorder, environment  # noqa: E402
 from bench.step import run_step_mode  # noqa: E402
 from bench.teacher import TEACHER_VARIANTS, run_teacher_mode  # noqa: E402
-from fdfast.cli.args import int_at_least  # noqa: E402
+from fdfast.cli.common import exit_code, int_at_least  # noqa: E402
 from fdfast.config import load_config  # noqa: E402
 from fdfast.distributed import init_distributed, shutdown  # noqa: E402
-from fdfast.errors import UserError  # noqa: E402
 
 MODES = {"step": run_step_mode, "teacher": run_teacher_mode, "loader": run_loader_mode, "e2e": run_e2e_mode,
          "profile": run_profile_mode}
@@ -158,8 +157,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:  # a config key, a data path: one line, as fdfast-train says it
-        print(f"bench/throughput.py: {type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(2)
+    # a config key, a data path: one line, exit 2, as fdfast-train says it
+    sys.exit(exit_code("bench/throughput.py", lambda: main() and 0, interrupted="no results beyond those printed"))

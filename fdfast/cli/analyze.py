@@ -16,6 +16,7 @@ from ..analyze import AnalyzeOptions, analyze
 from ..interop.sources import TeacherSpec
 from ..errors import UserError
 from ..models.teachers import TEACHER_KINDS
+from .common import exit_code
 
 PROG = "fdfast-analyze"
 
@@ -79,16 +80,12 @@ def _options(a: argparse.Namespace) -> AnalyzeOptions:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    try:
+
+    def work() -> int:
         analyze(_options(args))
-    except UserError as e:  # bad input: one clear line, no traceback
-        print(f"{PROG}: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; the files already in {args.out} are complete, the rest was not written",
-              file=sys.stderr)
-        return 130
-    return 0
+        return 0
+    return exit_code(PROG, work,
+                     interrupted=f"the files already in {args.out} are complete, the rest was not written")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,7 @@ from rich.filesize import decimal
 
 from pipelines import ffcv_writer as W
 
-from ..errors import UserError
-from .args import int_at_least
+from .common import exit_code, int_at_least
 
 PROG = "fdfast-convert"
 
@@ -55,8 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is None and not args.check_only:
         parser.error("OUT is required (an output folder or .beton path), unless --check-only")
     err, out = Console(stderr=True), Console(soft_wrap=True, highlight=False)
-    found_bad = False
-    try:
+
+    def work() -> int:
+        found_bad = False
         with W.stop_on_signals():        # SIGTERM (kill, a CI timeout) takes the same clean-up path as Ctrl-C
             for src, beton in W.plan_jobs(args.src, None if args.check_only else args.out, args.splits):
                 if args.check_only:
@@ -74,13 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 extra += f", ignored {r.ignored} non-image files" if r.ignored else ""
                 out.print(f"{r.out}: {r.images} images, {r.classes} classes, {decimal(r.bytes)}, {r.seconds:.1f} s "
                           f"({r.images / max(r.seconds, 1e-9):.0f} img/s){extra}")
-    except UserError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; the unfinished output was removed", file=sys.stderr)
-        return 130
-    return 1 if found_bad else 0
+        return 1 if found_bad else 0
+    return exit_code(PROG, work, label="error", interrupted="the unfinished output was removed")
 
 
 if __name__ == "__main__":

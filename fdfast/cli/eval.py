@@ -20,11 +20,11 @@ import pipelines
 from .. import distributed
 from ..checkpoint import atomic_write, make_folder
 from ..config import DataConfig
-from ..errors import OutputNotWritable, UserError
+from ..errors import OutputNotWritable
 from ..logging import log
 from ..interop.sources import SourceError, Subject, load_subjects
 from ..tasks.evaluation import count_hits, summarize_counts
-from .args import int_at_least
+from .common import exit_code, int_at_least
 
 PROG = "fdfast-eval"
 
@@ -78,7 +78,8 @@ def _write_json(path: Path, results: list[dict]) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     info = distributed.init_distributed()
-    try:
+
+    def work() -> int:
         if args.json:
             make_folder(Path(args.json).parent)  # before the evaluation, not after it
         models = load_subjects(args.models, with_teacher=False, trust_pickle=args.trust_pickle)
@@ -89,15 +90,11 @@ def main(argv=None) -> int:
                       f"({r['count']} images; {r['source']})")
             if args.json:
                 _write_json(Path(args.json), results)
-    except UserError as e:
-        print(f"{PROG}: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; no result was written", file=sys.stderr)
-        return 130
+        return 0
+    try:
+        return exit_code(PROG, work, interrupted="no result was written")
     finally:
         distributed.shutdown()
-    return 0
 
 
 if __name__ == "__main__":

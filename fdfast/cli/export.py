@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 from ..errors import UserError
 from ..interop.export import export_checkpoint
+from .common import exit_code
 
 PROG = "fdfast-export"
 
@@ -42,18 +43,15 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    try:
+
+    def work() -> int:
         out = export_checkpoint(args.checkpoint, args.format, args.out, model_name=args.model_name,
                                 finetune_layout=args.finetune_layout)
-    except (UserError, OSError) as e:  # OSError: --out cannot be written (permissions, space)
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing was written (files are only renamed into place when complete)",
-              file=sys.stderr)
-        return 130
-    print(out)  # stdout: just the written path, for scripts; the details went to the log (stderr)
-    return 0
+        print(out)  # stdout: just the written path, for scripts; the details went to the log (stderr)
+        return 0
+    # OSError: --out cannot be written (permissions, space)
+    return exit_code(PROG, work, errors=(UserError, OSError), label="error",
+                     interrupted="nothing was written (files are only renamed into place when complete)")
 
 
 if __name__ == "__main__":
