@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--data", help="ImageFolder root (class sub-folders of images)")
     data.add_argument("--synthetic", action="store_true", help="generated images instead (smoke tests)")
     p.add_argument("--out", required=True, help="output folder (JSON, PNG, report.md)")
-    p.add_argument("--num-images", type=int, default=64)
+    p.add_argument("--num-images", type=int, default=64,
+                   help="images the statistics and their intervals average over (default 64, a seeded subset)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--img-size", type=int, default=None, help="image preparation size (default: largest model input)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
