@@ -453,9 +453,10 @@ def test_teacher_landscape_is_its_fd_loss_against_its_own_target_and_every_numbe
     summary = json.loads((out / "summary.json").read_text())
     assert summary["bootstrap"] == {"resamples": 200, "confidence": 0.95, "seed": 0, "min_effect": 0.01}
     for s in summary["models"].values():
-        for key in ("distance_px", "distance_spread_px", "head_cosine", "locality", "loss", "loss_rise"):
+        for key in ("distance_px", "head_cosine", "locality", "loss", "loss_rise"):  # means: inside their interval
             low, high = s[f"{key}_ci"]
             assert low - 1e-12 <= s[key] <= high + 1e-12, key
+        assert len(s["distance_spread_px_ci"]) == 2  # a std of means: a percentile interval need not hold it
         # every grid is 4 x 4 patches of 8 px
         assert s["uniform"]["distance_px"] == pytest.approx(uniform_mean_distance(4, 8.0), rel=1e-6)
     layer = json.loads((out / "attention_distance.json").read_text())["models"]["run"]["layers"][0]

@@ -140,7 +140,8 @@ def _loss_fn(subject: Subject, batches: list[Batch], device: torch.device):
 
 def _has_loss(subject: Subject, opts: AnalyzeOptions) -> bool:
     own = subject.loss_kind is not None and subject.role != "teacher"
-    return opts.landscape and (own or (opts.teacher_landscape and subject.role == "teacher"))
+    teacher = opts.teacher_landscape and subject.role == "teacher" and subject.teacher is not None
+    return opts.landscape and (own or teacher)
 
 
 def _no_landscape(subject: Subject, opts: AnalyzeOptions) -> str:
