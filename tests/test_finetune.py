@@ -28,6 +28,7 @@ from fdfast.optim import build_optimizer
 from fdfast.step import TrainStep
 from fdfast.constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from pipelines.generate import make_image_folder
+from conftest import tiny_dict
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = DistInfo()
@@ -190,6 +191,17 @@ def test_a_class_count_the_data_do_not_hold_is_one_line_before_any_weights_load(
     assert train_main(["--config", str(file)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model.student.num_classes=5" in err, err
+
+
+def test_a_distillation_recorded_with_a_class_count_resumes_with_it_unset(tmp_path):
+    """Earlier versions wrote data.num_classes: 1000 into every config; a distillation has no head, so the
+    same run resumed with the count unset is no config change worth refusing (a classifier's head size is
+    model.student.num_classes, which stays guarded)."""
+    d = tiny_dict(tmp_path, train={"max_steps": 2})
+    train_run(config_from_dict(d))
+    d["data"].pop("num_classes")
+    d["train"]["max_steps"] = 3
+    assert train_run(config_from_dict(d))["step"] == 3
 
 
 # ----------------------------------------------------------------------------------------------
