@@ -326,7 +326,7 @@ def export_source(path: str | os.PathLike, which: Optional[str] = None) -> Path:
     if which == "best" and why:
         raise ExportError(f"--which best: {run} has no usable best weights: {why}; use --which last")
     if which == "best" or (which is None and not why):
-        log.info("exporting the best weights %s%s", best, "" if which else " (--which last: the newest checkpoint)")
+        log.info("exporting the best weights %s%s", best, "" if which else " (--which last for the newest checkpoint)")
         return best
     if which is None and best.is_dir():
         log.warning("%s is not usable (%s); exporting the newest checkpoint instead", best, why)
