@@ -12,10 +12,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# env: GPU, driver, versions of what the run uses (incl. the carried DALI / FFCV wheels)
+# env: fdfast's run_environment() (version, commit, CPU, GPU, driver), plus the versions of what the run uses
+# (incl. the carried DALI / FFCV wheels) and nvidia-smi's view of the card
 ENV_SNIPPET = r"""
 import json, os, platform, subprocess, sys
-info = {"python": platform.python_version(), "cpu_count": os.cpu_count(), "host": platform.node()}
+info = {}
+try:  # fdfast's own record (version, commit, libraries, CPU, GPU, driver), as summary.json holds it
+    from fdfast.tracking import run_environment
+    info.update(run_environment())
+except Exception as e:
+    info["fdfast_error"] = repr(e)[:200]
+info.update(python=platform.python_version(), cpu_count=os.cpu_count(), host=platform.node())
 try:
     import torch
     info.update(torch=torch.__version__, cuda=torch.version.cuda, cuda_available=torch.cuda.is_available())

@@ -21,7 +21,7 @@ from bench.common import synthetic_batches
 from bench.report import Recorder, record_failure
 from bench.step import build_fast_step
 from bench.tables import fmt, print_tables
-from bench.timing import fresh_start, gather, sync, time_loop
+from bench.timing import fresh_start, gather, per_device, sync, time_loop, timing_warnings, wait_warning
 from pipelines.ffcv_writer import convert_folder
 from fdfast.config import FDConfig, load_config
 from fdfast.distributed import DistInfo
@@ -149,7 +149,8 @@ def run_e2e_mode(args, info: DistInfo, rec: Recorder) -> None:
     ref = time_loop(lambda i: built.run(*batches[i % 4], i), dev, args.warmup, args.steps)
     step_ips = bs / (ref["step_ms"]["median"] / 1e3)
     rec.add({"mode": "e2e", "name": "step-only (synthetic)", "ok": True, "img_per_s": step_ips, "batch_size": bs,
-             "step_ms": ref["step_ms"], "warmup_s": ref["warmup_s"], "data_wait": 0.0})
+             "step_ms": ref["step_ms"], "warmup_s": ref["warmup_s"], "data_wait": 0.0,
+             "warnings": timing_warnings("step-only (synthetic)", ref["step_ms"])})
 
     def measure(loader, data) -> dict[str, Any]:
         it = _endless(loader)
@@ -174,12 +175,17 @@ def run_e2e_mode(args, info: DistInfo, rec: Recorder) -> None:
                     data_wait=wait / wall, vs_step_only=ips / step_ips, stats=getattr(loader, "stats", None))
 
     _each_loader(args, cfg, info, rec, "e2e", measure)
+    for r in rec.results("e2e"):
+        if r["ok"] and "vs_step_only" in r:
+            r["warnings"] = wait_warning(r["name"], r["vs_step_only"], r["data_wait"])
+    rec.flush()
     rows = [[r["name"], _status(r), fmt(r["data_wait"] * 100 if r.get("data_wait") is not None else None),
              fmt(r.get("vs_step_only", 1.0 if r["name"].startswith("step-only") else None), ".2f"),
              str(r.get("workers", "-")), _why(r)] for r in rec.results("e2e")]
     if info.is_main:
-        print_tables([(f"End to end: loader + fast step (batch {bs}, per GPU)",
-                       ["loader", "img/s", "data-wait %", "x step-only", "workers", "note"], rows)])
+        notes = [f"warning: {w}" for r in rec.results("e2e") for w in r.get("warnings", [])]
+        print_tables([(f"End to end: loader + fast step (batch {bs}, {per_device(dev)})",
+                       ["loader", "img/s", "data-wait %", "x step-only", "workers", "note"], rows)], notes)
 
 
 # ----------------------------------------------------------------------------------------------

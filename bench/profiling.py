@@ -160,6 +160,7 @@ def run_profile_mode(args, info: DistInfo, rec: Recorder) -> None:
                 overrides=list(args.overrides), batch_size=cfg.train.batch_size, precision=built.precision,
                 torch=torch.__version__)
     rec.add({"mode": "profile", "name": "fast", "ok": True, **data})
+    data["env"] = env  # the profile's own JSON names the fdfast version, commit and hardware too
     if info.is_main:
         md, js = write_profile(args.profile_dir, data)
         rec.note(f"profile table: {md} and {js.name}")

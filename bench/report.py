@@ -1,6 +1,6 @@
-"""What every benchmark result carries and where it goes: the environment (card, driver, versions), the
-JSON record rewritten after every result (a run cut short keeps what it measured) and failures kept
-with their traceback."""
+"""What every benchmark result carries and where it goes: the environment (fdfast version and commit, card,
+driver, versions), the JSON record rewritten after every result (a run cut short keeps what it measured)
+and failures kept with their traceback."""
 from __future__ import annotations
 
 import json
@@ -12,27 +12,25 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
-import timm
 import torch
-import torchvision
 
 from fdfast.checkpoint import atomic_write
+from fdfast.tracking import run_environment
 
 
 def environment(dev: torch.device, world: int) -> dict[str, Any]:
+    """:func:`fdfast.tracking.run_environment` (fdfast version and commit, libraries, CPU, GPU, driver: the
+    same record as a training run's ``summary.json``) plus what this benchmark ran on and how it was called."""
     env: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "host": platform.node(), "python": platform.python_version(),
-        "torch": torch.__version__, "timm": timm.__version__, "torchvision": torchvision.__version__,
-        "cuda": torch.version.cuda, "device": str(dev), "world_size": world, "cpu_count": os.cpu_count(),
-        "argv": sys.argv[1:],
+        **run_environment(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "host": platform.node(),
+        "device": str(dev), "world_size": world, "cpu_count": os.cpu_count(), "argv": sys.argv[1:],
     }
     if dev.type == "cuda":
         p = torch.cuda.get_device_properties(dev)
         env.update(gpu=p.name, gpu_mem_gib=round(p.total_memory / 2 ** 30, 1), capability=f"{p.major}.{p.minor}",
                    sm_count=p.multi_processor_count)
     else:
-        env["gpu"] = None
-        env["cpu"] = platform.processor() or platform.machine()
+        env["gpu"] = None  # a CPU run: no GPU took part, even where the machine has one
     return env
 
 

@@ -17,7 +17,8 @@ from bench.flops import fd_flops_from_models, spec_peak_tflops
 from bench.official import build_official_step
 from bench.report import Recorder, record_failure
 from bench.tables import fmt, print_tables
-from bench.timing import fresh_start, gather, measure_matmul_tflops, peak_mem_gib, time_loop
+from bench.timing import (fresh_start, gather, measure_matmul_tflops, peak_mem_gib, per_device, time_loop,
+                          timing_warnings)
 from fdfast.config import FDConfig, load_config
 from fdfast.distributed import DistInfo
 from fdfast.models.attention import only_sdpa_backends, set_attention_kernel
@@ -98,7 +99,8 @@ def run_step_mode(args, info: DistInfo, rec: Recorder) -> None:
                           img_per_s_wall=bs / (t["wall_ms_per_step"] / 1e3), peak_mem_gib=peak_mem_gib(dev),
                           graph_captures=getattr(built.target, "captures", None), tflops=achieved,
                           mfu_spec=achieved / peak_spec if peak_spec else None,
-                          mfu_measured=achieved / peak_measured if peak_measured else None)
+                          mfu_measured=achieved / peak_measured if peak_measured else None,
+                          warnings=timing_warnings(name, t["step_ms"]))
             del built
         except Exception as e:  # noqa: BLE001 - one failing variant must not stop the others
             record_failure(result, e, show=info.is_main)
@@ -109,7 +111,7 @@ def run_step_mode(args, info: DistInfo, rec: Recorder) -> None:
     if dev.type == "cuda":
         rec.data["student_sdpa_backends"] = probe_student_sdpa(load_config(args.config, args.overrides), dev)
         rec.flush()
-    step_summary(rec, info)
+    step_summary(rec, info, dev)
 
 
 def probe_student_sdpa(cfg: FDConfig, dev: torch.device) -> dict[str, str]:
@@ -141,7 +143,7 @@ def probe_student_sdpa(cfg: FDConfig, dev: torch.device) -> dict[str, str]:
     return out
 
 
-def step_summary(rec: Recorder, info: DistInfo) -> None:
+def step_summary(rec: Recorder, info: DistInfo, dev: torch.device) -> None:
     res = rec.results("step")
     base = next((r for r in res if r["name"] == "official" and r["ok"]), None)
     ratios = {}
@@ -174,6 +176,7 @@ def step_summary(rec: Recorder, info: DistInfo) -> None:
              f"peak bf16 TFLOP/s: spec {fmt(pk.get('spec_bf16_dense'))}, measured matmul "
              f"{fmt(pk.get('measured_bf16_matmul'))}; device {env.get('gpu') or env.get('cpu')}, torch {env['torch']}"]
     notes += sorted({n for r in res for n in r.get("notes", [])})
-    print_tables([("FD step throughput (per GPU; median over timed steps, [p10-p90])",
+    notes += [f"warning: {w}" for r in res for w in r.get("warnings", [])]
+    print_tables([(f"FD step throughput ({per_device(dev)}; median over timed steps, [p10-p90])",
                    ["variant", "batch", "img/s", "img/s total", "step ms", "MFU% spec", "MFU% meas", "mem GiB",
                     "warm-up s", "loss first>last", "x official"], rows)], notes)

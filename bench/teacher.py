@@ -15,7 +15,7 @@ from bench.flops import model_count, spec_peak_tflops
 from bench.official import official_teacher
 from bench.report import Recorder, record_failure
 from bench.tables import fmt, print_tables
-from bench.timing import fresh_start, peak_mem_gib, time_loop
+from bench.timing import fresh_start, peak_mem_gib, per_device, time_loop, timing_warnings
 from fdfast.config import load_config
 from fdfast.distributed import DistInfo
 from fdfast.models.attention import only_sdpa_backends
@@ -63,19 +63,35 @@ def target_fidelity(fn, cfg, images: torch.Tensor, precision: str, dev: torch.de
             "target_fd_loss": float(fd_loss(fast, ref, cfg.model.loss_beta))}
 
 
+def _what_ran(name: str, extra, cfg, cuda: bool, precision: str) -> tuple[str, str]:
+    """(label, precision) of what a variant really runs here: on a CPU the official teacher cannot run in
+    fp16, and a bf16 teacher computes in bf16 whatever the autocast precision says."""
+    if extra is None:
+        return (name, "fp16") if cuda else ("official (fp32: no fp16 on a CPU)", "fp32")
+    return name, "bf16 (whole teacher)" if cfg.model.teacher.bf16 else precision
+
+
 def run_teacher_mode(args, info: DistInfo, rec: Recorder) -> None:
-    """``--variant NAME`` picks variants of :data:`TEACHER_VARIANTS` (default: all that the device allows)."""
+    """``--variant NAME`` picks variants of :data:`TEACHER_VARIANTS` (default: all that the device allows;
+    CUDA-graph variants need a GPU and are skipped, and said to be, elsewhere)."""
     dev = info.device
     cuda = dev.type == "cuda"
     cfg0 = load_config(args.config, args.overrides)
     bs = cfg0.train.batch_size
     batches = synthetic_batches(cfg0, dev, 4, bs)
     precision = resolve_precision(cfg0.train.precision, dev)
-    names = args.variant or [n for n in TEACHER_VARIANTS if cuda or "graph" not in n]
+    names = args.variant or list(TEACHER_VARIANTS)
     peak_spec = spec_peak_tflops(rec.data["env"].get("gpu") or "") if cuda else None
+    no_graph = [n for n in names if "graph" in n and not cuda]
+    if no_graph:
+        rec.note(f"skipped on a CPU (CUDA graphs need a GPU): {', '.join(no_graph)}")
     for name in names:
         fresh_start(dev)
         result: dict[str, Any] = {"mode": "teacher", "name": name, "batch_size": bs, "ok": False}
+        if name in no_graph:
+            if args.variant:  # asked for by name: a row that says why it did not run
+                rec.add({**result, "skipped": "CUDA graphs need a GPU"})
+            continue
         try:
             extra = TEACHER_VARIANTS[name]
             cfg = load_config(args.config, [*args.overrides, *(extra or [])])
@@ -86,6 +102,7 @@ def run_teacher_mode(args, info: DistInfo, rec: Recorder) -> None:
             else:
                 teacher = build_teacher(cfg.model.teacher, cfg.model.student.img_size).to(dev)
                 fn, prec = build_target(teacher, cfg, dev, args.compile_backend), precision
+            label, ran = _what_ran(name, extra, cfg, cuda, prec)
 
             def call(i: int, fn=fn, prec=prec) -> None:
                 with autocast(prec, dev):
@@ -94,9 +111,10 @@ def run_teacher_mode(args, info: DistInfo, rec: Recorder) -> None:
             t = time_loop(call, dev, args.warmup, args.steps)
             ips = bs / (t["step_ms"]["median"] / 1e3)
             flops = model_count(teacher).fwd
-            result.update(t, ok=True, img_per_s=ips, precision=prec, teacher_fwd_flops=flops,
+            result.update(t, ok=True, img_per_s=ips, label=label, precision=ran, teacher_fwd_flops=flops,
                           mfu_spec=flops * ips / 1e12 / peak_spec if peak_spec else None,
-                          peak_mem_gib=peak_mem_gib(dev), graph_captures=getattr(fn, "captures", None))
+                          peak_mem_gib=peak_mem_gib(dev), graph_captures=getattr(fn, "captures", None),
+                          warnings=timing_warnings(label, t["step_ms"]))
             if cuda and extra is not None:
                 result.update(_flash_only(teacher, prec, dev))
             if extra is not None and cfg.model.teacher.bf16:
@@ -107,12 +125,16 @@ def run_teacher_mode(args, info: DistInfo, rec: Recorder) -> None:
         rec.add(result)
     res = rec.results("teacher")
     base = next((r for r in res if r["name"] == "official-fp16" and r["ok"]), None)
-    rows = [[r["name"], r.get("precision", "-"), fmt(r.get("img_per_s")),
-             f"{r['step_ms']['median']:.2f}" if r["ok"] else "FAILED",
-             fmt(r["mfu_spec"] * 100 if r.get("mfu_spec") else None), str(r.get("flash_only_ok", "-")),
-             fmt(r["img_per_s"] / base["img_per_s"] if base and r["ok"] else None, ".2f"),
-             fmt(r.get("target_cosine_min"), ".5f")] for r in res]
+
+    def cells(r: dict) -> list[str]:
+        if not r["ok"]:
+            return [r["name"], "-", "skipped" if "skipped" in r else "FAILED", r.get("skipped", ""), *["-"] * 4]
+        return [r["label"], r["precision"], fmt(r["img_per_s"]), f"{r['step_ms']['median']:.2f}",
+                fmt(r["mfu_spec"] * 100 if r.get("mfu_spec") else None), str(r.get("flash_only_ok", "-")),
+                fmt(r["img_per_s"] / base["img_per_s"] if base else None, ".3g"),
+                fmt(r.get("target_cosine_min"), ".5f")]
     if info.is_main:
-        print_tables([(f"Teacher target forward alone (batch {bs})",
-                       ["variant", "precision", "img/s", "ms", "MFU% spec", "flash-only ok", "x official",
-                        "target cos min"], rows)])
+        notes = [f"warning: {w}" for r in res for w in r.get("warnings", [])]
+        print_tables([(f"Teacher target forward alone (batch {bs}, {per_device(dev)})",
+                       ["variant (what ran)", "precision", "img/s", "ms", "MFU% spec", "flash-only ok",
+                        "x official", "target cos min"], [cells(r) for r in res])], notes)

@@ -29,6 +29,42 @@ def stats(ms: list[float]) -> dict[str, float]:
             "min": xs[0], "max": xs[-1], "n": len(xs)}
 
 
+# Below this many timed steps a median is one or two samples' luck; above this p90/p10 the steps did not run
+# at one speed (shared cores, throttling, recompiles), which a median hides.
+MIN_TIMED_STEPS = 10
+MAX_SPREAD = 1.5
+# e2e: how far the ratio to step-only may fall from 1 - data wait (what waiting alone would cost) unremarked
+WAIT_TOLERANCE = 0.15
+
+
+def per_device(dev: torch.device) -> str:
+    """How a rate is normalised in a table title: per GPU on CUDA, per device (a CPU) otherwise."""
+    return "per GPU" if dev.type == "cuda" else "per device (CPU)"
+
+
+def timing_warnings(name: str, step_ms: dict[str, float]) -> list[str]:
+    """Why a timed median of ``name`` should not be trusted: too few timed steps, or too wide a spread."""
+    out = []
+    if step_ms["n"] < MIN_TIMED_STEPS:
+        out.append(f"{name}: {step_ms['n']} timed steps, fewer than {MIN_TIMED_STEPS}: the median is not a stable "
+                   f"number (--steps {MIN_TIMED_STEPS} or more)")
+    if step_ms["p10"] > 0 and step_ms["p90"] / step_ms["p10"] > MAX_SPREAD:
+        out.append(f"{name}: steps took {step_ms['p10']:.1f}-{step_ms['p90']:.1f} ms (p10-p90), p90/p10 "
+                   f"{step_ms['p90'] / step_ms['p10']:.1f} > {MAX_SPREAD}: the device did not run at one speed "
+                   "(shared cores, throttling, recompiles?); the median hides it")
+    return out
+
+
+def wait_warning(name: str, vs_step_only: float, data_wait: float) -> list[str]:
+    """An e2e row whose ratio to step-only is not what its data wait explains (about 1 - wait)."""
+    expected = 1.0 - data_wait
+    if abs(vs_step_only - expected) <= WAIT_TOLERANCE:
+        return []
+    return [f"{name}: {vs_step_only:.2f}x step-only with {data_wait:.0%} data wait (waiting alone would give about "
+            f"{expected:.2f}x): the gap is not waiting for data (loader workers competing with the step for the "
+            "same cores, or a noisy step-only reference)"]
+
+
 def time_loop(fn: Callable[[int], Any], dev: torch.device, warmup: int, steps: int) -> dict[str, Any]:
     """Run ``fn(i)`` ``warmup`` times untimed, then ``steps`` times timed (CUDA events per step)."""
     t_warm = time.perf_counter()

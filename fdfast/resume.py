@@ -31,7 +31,7 @@ FREE_KEYS = (
     "log.", "checkpoint.", "compile.", "train.max_steps", "train.eval_every", "train.output_dir", "train.resume",
     "train.tf32", "train.cudnn_benchmark", "train.channels_last", "train.precision", "model.attention",
     "model.trust_pickle", "model.pretrained", "model.grad_checkpointing", "model.teacher.bf16", "data.train",
-    "data.val", "data.backend",
+    "data.val", "data.backend", "data.num_classes",  # a classifier's class count is guarded as its head's size
     "data.num_workers", "data.prefetch", "data.ffcv_os_cache", "data.ffcv_order", "data.dali_hw_decoder_load",
     "data.on_bad_image",
 )

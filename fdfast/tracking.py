@@ -8,7 +8,8 @@ records (``kind: "eval"``) ``eval/<field>``; list fields such as ``lr_groups`` b
 ``train/lr_groups/0``, ``train/lr_groups/1``, ...
 
 :func:`device_peak_memory_gib` and :func:`run_environment` give the record and ``summary.json`` fields
-that describe the run rather than the model: peak device memory, the git commit and library versions.
+that describe the run rather than the model: peak device memory, the fdfast version and git commit, the
+library versions and the hardware (CPU model, GPU and driver); the benchmark records the same.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ TENSORBOARD_DIR = "tensorboard"
 # W&B run instead of starting a new one at every restart.
 WANDB_ID_FILE = "wandb_run_id"
 _DALI_DIST = re.compile(r"nvidia-dali(-nightly)?-cuda\d+")
+_NVIDIA_PROC = re.compile(r"Kernel Module\s+(?:for \S+\s+)?([0-9][0-9.]*)")
 # record fields that are not curves: the x axis, the namespace, and the wall-clock timestamp, which
 # TensorBoard and W&B already store with every point
 NOT_SCALARS = ("step", "kind", "wall_time")
@@ -106,7 +108,9 @@ class Tracker:
         if cfg.tensorboard:
             self._tensorboard = _tensorboard_writer(self.output_dir / TENSORBOARD_DIR, resume_step)
         if wandb is not None:
-            self._wandb_run = wandb.init(project=cfg.wandb_project, name=self.output_dir.resolve().name,
+            self._wandb_run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity,
+                                         name=cfg.wandb_name or self.output_dir.resolve().name,
+                                         group=cfg.wandb_group, tags=list(cfg.wandb_tags) or None,
                                          dir=str(self.output_dir), mode=cfg.wandb_mode, config=config,
                                          id=_wandb_run_id(self.output_dir), resume="allow")
 
@@ -183,9 +187,42 @@ def _dali_version() -> Optional[str]:
     return None
 
 
-def run_environment() -> dict[str, Optional[str]]:
-    """What produced a run: git commit and versions (None for what is absent), for ``summary.json``."""
-    return {"git_commit": _git_commit(), "python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "timm": _version("timm"), "torchvision": _version("torchvision"),
-            "dali": _dali_version(), "ffcv": _version("ffcv")}
+def _cpu_model() -> Optional[str]:
+    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere what the platform module knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "Hardware") and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or None
 
+
+def _nvidia_driver() -> Optional[str]:
+    """The NVIDIA kernel driver's version: from /proc (no process to start), else nvidia-smi; None without one."""
+    try:
+        found = _NVIDIA_PROC.search(Path("/proc/driver/nvidia/version").read_text())
+        if found:
+            return found.group(1)
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    version = out.stdout.strip().splitlines()[0].strip() if out.returncode == 0 and out.stdout.strip() else ""
+    return version or None
+
+
+def run_environment() -> dict[str, Any]:
+    """What produced a run, for ``summary.json`` and every benchmark JSON: the fdfast version (the installed
+    distribution's) and git commit (only where fdfast runs from a checkout), the library versions, the CPU
+    model, the GPU (name, count) and the NVIDIA driver; None for what is absent."""
+    cuda = torch.cuda.is_available()
+    return {"fdfast": _version("fdfast"), "git_commit": _git_commit(), "python": platform.python_version(),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "timm": _version("timm"),
+            "torchvision": _version("torchvision"), "dali": _dali_version(), "ffcv": _version("ffcv"),
+            "cpu": _cpu_model(), "gpu": torch.cuda.get_device_name() if cuda else None,
+            "gpu_count": torch.cuda.device_count() if cuda else 0, "gpu_driver": _nvidia_driver() if cuda else None}

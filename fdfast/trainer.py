@@ -37,6 +37,7 @@ from .optim import Schedule, build_optimizer
 from .resume import archive_config, check_config_drift, choose_checkpoint, map_position
 from .step import TrainStep, resolve_precision
 from .tasks import TASKS, EvaluationStopped, Task
+from .tasks.classes import resolve_num_classes
 from .tasks.evaluation import StopCheck
 
 
@@ -119,6 +120,7 @@ class Trainer:
             raise
 
     def _build(self) -> None:
+        self.cfg = resolve_num_classes(self.cfg)  # before any weights load; the records hold the resolved count
         cfg, info, tr = self.cfg, self.info, self.cfg.train
         self.precision = resolve_precision(tr.precision, info.device)  # fails fast for fp16 on a CPU
 

@@ -2,7 +2,7 @@
 
 Batch ``i`` of epoch ``e`` is drawn from a generator seeded by ``(seed, e, i, rank)``, so the stream
 is reproducible and resumable at any batch, and ranks see different data. ``data.synthetic_size`` images
-make an epoch; labels are drawn from ``data.num_classes``.
+make an epoch; labels are drawn from ``data.num_classes`` (1000 when unset).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from fdfast.config.data import DataConfig
+from fdfast.config.data import SYNTHETIC_CLASSES, DataConfig
 
 from .base import DataError, LoaderRequest
 
@@ -44,7 +44,8 @@ class SyntheticLoader:
         self._gen.manual_seed(((r.seed * 1_000_003 + self.epoch) * 1_000_003 + i) * 1024 + r.rank)
         images = torch.randint(0, 256, (r.batch_size, r.img_size, r.img_size, 3), dtype=torch.uint8,
                                device=r.device, generator=self._gen).permute(0, 3, 1, 2)
-        labels = torch.randint(0, self.data.num_classes, (r.batch_size,), device=r.device, generator=self._gen)
+        classes = self.data.num_classes or SYNTHETIC_CLASSES
+        labels = torch.randint(0, classes, (r.batch_size,), device=r.device, generator=self._gen)
         return images, labels
 
     def __iter__(self):

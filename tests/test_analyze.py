@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -22,6 +23,8 @@ from timm.models.vision_transformer import VisionTransformer
 from conftest import tiny_dict
 from fdfast.interop import export, loading
 from fdfast.analyze import metrics as M
+from fdfast.analyze import plots
+from fdfast.analyze.stats import Bootstrap, Estimate, compare
 from fdfast.analyze.capture import attention_layers, capture_attention
 from fdfast.analyze.data import DataError, load_images
 from fdfast.analyze.landscape import filter_normalized_direction, loss_landscape
@@ -90,6 +93,94 @@ def test_head_cosine_is_one_for_identical_and_zero_for_disjoint_heads():
     disjoint[0, 0, :, :2] = 0.5
     disjoint[0, 1, :, 2:] = 0.5
     assert float(M.head_cosine(disjoint)) == pytest.approx(0.0)
+
+
+def test_uniform_reference_is_what_uniform_attention_scores_on_the_grid():
+    ref = M.uniform_reference(M.LayerGeometry("b0", (3, 3), (8.0, 8.0)), radius=1)
+    assert ref["distance_px"] == pytest.approx(uniform_mean_distance(3, 8.0), rel=1e-6)
+    assert ref["locality"] == pytest.approx((4 * 4 + 4 * 6 + 9) / 81)
+    assert (ref["head_cosine"], ref["distance_spread_px"]) == (1.0, 0.0)
+    # and a layer fed uniform maps scores exactly its own reference
+    stats = M.LayerStats(M.LayerGeometry("b0", (5, 5), (16.0, 16.0), prefix=1))
+    stats.update(torch.full((3, 2, 26, 26), 1 / 26))
+    out = stats.summary()
+    assert out["distance_px"] == pytest.approx([out["uniform"]["distance_px"]] * 2, rel=1e-5)
+    assert out["locality"] == pytest.approx([out["uniform"]["locality"]] * 2, rel=1e-5)
+
+
+def test_a_swin_images_windows_are_averaged_into_one_value_per_image():
+    geometry = M.LayerGeometry("layers.0.blocks.0", (2, 2), (4.0, 4.0), windowed=True)
+    stats = M.LayerStats(geometry)
+    eye, uniform = torch.eye(4), torch.full((4, 4), 0.25)
+    # 2 images x 3 windows, image-major as timm's window partition lays them out
+    maps = torch.stack([eye, eye, eye, uniform, uniform, eye])[:, None].expand(6, 2, 4, 4)
+    stats.update(maps, images=2)
+    values = stats.per_image()
+    assert values["distance_px"].shape == (2, 2) and values["head_cosine"].shape == (2,)
+    u = uniform_mean_distance(2, 4.0)
+    torch.testing.assert_close(values["distance_px"][:, 0], torch.tensor([0.0, 2 * u / 3], dtype=torch.float64))
+    assert stats.count == 6 and stats.summary()["images"] == 2
+
+
+def test_bootstrap_interval_is_the_percentile_interval_of_resampled_means():
+    torch.manual_seed(0)
+    x = torch.randn(400, dtype=torch.float64) * 3 + 10
+    boot = Bootstrap(400, resamples=2000, seed=7)
+    low, high = boot.interval(x)
+    # the same resamples drawn by hand, their means, numpy's percentiles
+    index = torch.randint(0, 400, (2000, 400), generator=torch.Generator().manual_seed(7))
+    ref = np.percentile(x[index].mean(1).numpy(), [2.5, 97.5])
+    assert (low, high) == pytest.approx(tuple(ref), rel=1e-9)
+    # and close to the normal-theory interval of a mean: +- 1.96 sigma / sqrt(n)
+    half = 1.96 * float(x.std()) / 20
+    assert low == pytest.approx(float(x.mean()) - half, abs=0.15 * half)
+    assert high == pytest.approx(float(x.mean()) + half, abs=0.15 * half)
+    assert Bootstrap(400, 2000, seed=7).interval(x) == [low, high] != Bootstrap(400, 2000, seed=8).interval(x)
+    assert Bootstrap(5, 100).interval(torch.full((5, 3), 2.5)) == [[2.5, 2.5]] * 3  # no spread, no width
+    spread = boot.interval(torch.stack([x, 2 * x], 1), lambda m: m[:, 1] - m[:, 0])  # a function of the means
+    assert spread == pytest.approx([low, high], rel=1e-9)
+
+
+def test_a_model_is_ahead_only_where_intervals_separate_by_more_than_the_least_effect():
+    def verdict(a, b, min_effect=0.01):
+        return compare({"a": Estimate(*a), "b": Estimate(*b)}, higher=True, scale=1.0, min_effect=min_effect)
+    assert verdict((0.60, 0.55, 0.65), (0.40, 0.35, 0.45)).startswith("**a** ahead")
+    assert verdict((0.60, 0.45, 0.65), (0.40, 0.35, 0.50)).startswith("no difference at this sample size")
+    assert verdict((0.9991, 0.99905, 0.99915), (0.9990, 0.99895, 0.99904)).startswith("no difference above")
+    assert verdict((0.9991, 0.99905, 0.99915), (0.9990, 0.99895, 0.99904), 0).startswith("**a** ahead")
+    assert compare({"a": Estimate(1, 0, 2), "b": None}, higher=True, scale=1, min_effect=0).startswith("needs two")
+    lower = compare({"a": Estimate(0.2, 0.1, 0.3), "b": Estimate(0.8, 0.7, 0.9)}, higher=False, scale=1,
+                    min_effect=0.01)
+    assert lower.startswith("**a** ahead")
+
+
+def _captured_figures(monkeypatch) -> list:
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    return figures
+
+
+def test_figures_start_at_zero_show_uniform_attention_and_give_maps_colour_bars(monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    figures = _captured_figures(monkeypatch)
+    layer = {"distance_px": [33.05, 33.12], "distance_px_ci": [[33.0, 33.1], [33.1, 33.14]],
+             "uniform": {"distance_px": 33.1}}
+    model = {"name": "m", "role": "teacher", "layers": [layer, layer]}
+    plots.per_head_panels([model], "distance_px", "px", "t", tmp_path / "a.png")
+    plots.per_head_panels([model], "distance_px", "px", "t", tmp_path / "b.png", autoscale=True)
+    fixed, zoomed = figures[0].axes[0], figures[1].axes[0]
+    assert fixed.get_ylim()[0] == 0 and zoomed.get_ylim()[0] > 30
+    dashed = [line for line in fixed.get_lines() if line.get_linestyle() == "--"]
+    assert len(dashed) == 1 and list(dashed[0].get_ydata()) == [33.1, 33.1]
+    layer = {"distance_spread_px": 0.02, "distance_spread_px_ci": [0.01, 0.03], "head_cosine": 0.999,
+             "head_cosine_ci": [0.998, 0.9995]}
+    plots.diversity_plot([{"name": "m", "role": "teacher", "layers": [layer] * 3}], tmp_path / "c.png")
+    spread, cosine = figures[2].axes
+    assert spread.get_ylim()[0] == 0 and cosine.get_ylim() == (0.0, 1.02)
+    maps = {"blocks.0": torch.rand(3, 4, 4), "blocks.1": torch.rand(3, 4, 4)}
+    plots.attention_maps_plot("m", maps, {k: [0.5] * 3 for k in maps}, tmp_path / "d.png")
+    images = [ax for ax in figures[3].axes if ax.images]
+    assert len(images) == 6 and len(figures[3].axes) == 12  # a colour bar beside every panel
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,6 +305,21 @@ def test_landscape_of_a_model_at_the_minimum_of_a_quadratic_is_lowest_at_the_cen
         assert torch.equal(p, optimum[n])
 
 
+def test_landscape_keeps_each_images_loss_at_the_weights_and_the_line_ends():
+    weight = nn.Parameter(torch.tensor([[1.0, -2.0]]))
+    scale = torch.tensor([1.0, 2.0, 3.0])  # three "images", each a parabola around the weights
+
+    def loss() -> torch.Tensor:
+        return scale * (weight - torch.tensor([[1.0, -2.0]])).pow(2).sum()
+    land = loss_landscape({"w": weight}, loss, span=0.5, grid=3, line_points=5)
+    per = land["per_image"]
+    assert per["center"] == [0.0, 0.0, 0.0] and land["center"] == 0.0
+    assert torch.allclose(torch.tensor(per["plus"]), torch.tensor(per["minus"]))
+    assert torch.allclose(torch.tensor(per["plus"]) / torch.tensor(per["plus"][0]), scale)
+    assert land["line"][0] == pytest.approx(sum(per["minus"]) / 3) and land["line"][-1] == pytest.approx(
+        sum(per["plus"]) / 3)
+
+
 # ----------------------------------------------------------------------------------------------
 # Sources and data
 # ----------------------------------------------------------------------------------------------
@@ -326,6 +432,55 @@ def test_fdfast_analyze_writes_every_output(distill_run, tmp_path):
             img.load()
         assert f"]({picture})" in report
     assert not list(out.glob(".*.tmp"))
+    # one model with a loss: the report says up front that there is no flatness comparison
+    assert "**Loss landscapes** need two models with the same loss: only one model per loss" in report
+    assert report.index("**Loss landscapes**") < report.index("| model |")
+
+
+def test_teacher_landscape_is_its_fd_loss_against_its_own_target_and_every_number_has_an_interval(
+        distill_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    run, _ = distill_run
+    out = tmp_path / "out"
+    assert main([str(run), "--synthetic", "--num-images", "6", "--batch-size", "4", "--landscape-images", "5",
+                 "--grid", "3", "--line-points", "3", "--bootstrap", "200", "--teacher-landscape", "--out", str(out),
+                 "-q"]) == 0
+    land = json.loads((out / "landscape.json").read_text())
+    teacher = land["models"]["run-teacher"]
+    assert teacher["loss"] == "fd" and teacher["target"] == "its own whitened tokens" and not land["skipped"]
+    assert teacher["center"] == 0.0 and teacher["per_image"]["center"] == [0.0] * 5  # the perfect student of itself
+    assert min(teacher["per_image"]["minus"]) > 0 and len(land["models"]["run"]["per_image"]["plus"]) == 5
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["bootstrap"] == {"resamples": 200, "confidence": 0.95, "seed": 0, "min_effect": 0.01}
+    for s in summary["models"].values():
+        for key in ("distance_px", "head_cosine", "locality", "loss", "loss_rise"):  # means: inside their interval
+            low, high = s[f"{key}_ci"]
+            assert low - 1e-12 <= s[key] <= high + 1e-12, key
+        assert len(s["distance_spread_px_ci"]) == 2  # a std of means: a percentile interval need not hold it
+        # every grid is 4 x 4 patches of 8 px
+        assert s["uniform"]["distance_px"] == pytest.approx(uniform_mean_distance(4, 8.0), rel=1e-6)
+    layer = json.loads((out / "attention_distance.json").read_text())["models"]["run"]["layers"][0]
+    assert len(layer["distance_px_ci"]) == 2 and layer["uniform"] == pytest.approx(uniform_mean_distance(4, 8.0))
+    with np.load(out / "per_image_run.npz") as per_image:
+        assert per_image["blocks.0.distance_px"].shape == (6, 2) and per_image["blocks.1.head_cosine"].shape == (6,)
+        assert per_image["blocks.0.distance_px"].mean(0) == pytest.approx(layer["distance_px"])
+    report = (out / "report.md").read_text()
+    assert "compared within one loss (FD: run-teacher, run)" in report
+
+
+def test_two_uniform_attention_models_show_no_difference(tmp_path):
+    """Two random ViTs attend almost uniformly: every claim must say the data show no difference."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "out"
+    assert main(["random:test_vit", "random:test_vit", "--synthetic", "--num-images", "16", "--no-landscape",
+                 "--out", str(out), "-q"]) == 0
+    report = (out / "report.md").read_text()
+    claims = [line for line in report.splitlines() if line.startswith("* ") and "landscape" not in line]
+    assert len(claims) == 4 and all(": no difference" in line and "ahead" not in line for line in claims), claims
+    assert "Near-uniform attention: test_vit, test_vit-2" in report
+    assert "need two models with the same loss: none computed (--no-landscape)" in report
+    # the uniform reference on test_vit's 10 x 10 grid of 16 px patches, in the table
+    assert f"| test_vit | 10x10 | {uniform_mean_distance(10, 16.0):.4g} | 0 | 1 |" in report
 
 
 def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):

@@ -4,6 +4,7 @@ families and table, the device script's dry run and summary."""
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from bench import throughput
 from bench.device_summary import merge
 from bench.flops import model_count, spec_peak_tflops, vit_pair_flops
 from bench.profiling import FAMILIES, classify, family_times, write_profile
+from bench.timing import stats, timing_warnings, wait_warning
 from fdfast.config import StudentConfig
 from fdfast.models.attention import set_attention_kernel
 from fdfast.models.student import DistillModel
@@ -84,12 +86,20 @@ def test_spec_peak_lookup():
 TINY = ["--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--set", "compile.enabled=false"]
 
 
-def test_step_mode_with_baseline_writes_json(tmp_path):
+def test_step_mode_with_baseline_writes_json(tmp_path, capsys):
     out = tmp_path / "step.json"
     data = throughput.main(["--mode", "step", "--baseline", *TINY, "--variant", "fast",
                             "--variant", "eager-blocks:compile.scope=blocks,train.channels_last=false",
                             "--json", str(out)])
     on_disk = json.loads(out.read_text())
+    # provenance as summary.json has it, and a CPU table that says so and warns about 2 timed steps
+    env = on_disk["env"]
+    assert env["fdfast"] == importlib.metadata.version("fdfast") and env["cpu"] and env["gpu"] is None
+    assert "git_commit" in env and env["device"] == "cpu"
+    printed = capsys.readouterr().out
+    assert "per device (CPU)" in printed and "per GPU" not in printed
+    assert all(any("2 timed steps, fewer than 10" in w for w in r["warnings"]) for r in on_disk["results"])
+    assert "warning: fast: 2 timed steps" in printed
     assert on_disk["results"] == json.loads(json.dumps(data["results"], default=str))
     for key in ("env", "flops_per_img", "peak_tflops", "ratios", "results", "notes", "student", "teacher"):
         assert key in on_disk, key
@@ -113,12 +123,19 @@ def test_teacher_loader_e2e_modes(tmp_path):
     data = tmp_path / "jpegs"
     t = throughput.main(["--mode", "teacher", *TINY, "--compile-backend", "aot_eager", "--json", str(tmp_path / "t.json")])
     assert [r["name"] for r in t["results"]] == ["official-fp16", "eager", "compiled", "compiled+bf16"]  # no graphs
+    labels = {r["name"]: (r["label"], r["precision"]) for r in t["results"]}
+    assert labels["official-fp16"] == ("official (fp32: no fp16 on a CPU)", "fp32")  # what ran, not the name
+    assert labels["compiled+bf16"] == ("compiled+bf16", "bf16 (whole teacher)")
+    assert any("skipped on a CPU (CUDA graphs need a GPU): eager+graph, compiled+graph, compiled+graph+bf16" in n
+               for n in t["notes"])
     assert all(r["ok"] for r in t["results"]), [r.get("traceback") for r in t["results"]]
     bf16 = t["results"][-1]  # the bf16 teacher's target against the default one: close, not identical
     assert 0.999 < bf16["target_cosine_min"] < 1 and 0 < bf16["target_fd_loss"] < 1e-3, bf16
     assert "target_cosine_min" not in t["results"][2]
-    t2 = throughput.main(["--mode", "teacher", *TINY, "--variant", "compiled", "--compile-backend", "aot_eager"])
-    assert [r["name"] for r in t2["results"]] == ["compiled"]
+    t2 = throughput.main(["--mode", "teacher", *TINY, "--variant", "compiled", "--variant", "compiled+graph",
+                          "--compile-backend", "aot_eager"])
+    assert [r["name"] for r in t2["results"]] == ["compiled", "compiled+graph"]
+    assert t2["results"][1]["skipped"] == "CUDA graphs need a GPU" and not t2["results"][1]["ok"]
     ld = throughput.main(["--mode", "loader", *TINY, "--generate", "40", "--data", str(data), "--workers", "1",
                           "--backends", "torchvision,nvjpeg,ffcv,synthetic,dali@0.75", "--json", str(tmp_path / "l.json")])
     by = {r["name"]: r for r in ld["results"]}
@@ -133,8 +150,21 @@ def test_teacher_loader_e2e_modes(tmp_path):
     assert names == ["step-only (synthetic)", "nvjpeg"]
     r = e["results"][1]
     assert r["ok"], r.get("traceback")
-    assert 0 <= r["data_wait"] <= 1 and r["img_per_s"] > 0 and "vs_step_only" in r
+    assert 0 <= r["data_wait"] <= 1 and r["img_per_s"] > 0 and "vs_step_only" in r and "warnings" in r
     assert json.loads((tmp_path / "e.json").read_text())["results"][1]["name"] == "nvjpeg"
+
+
+def test_timing_warnings_name_too_few_steps_a_wide_spread_and_a_wait_that_does_not_explain_the_ratio():
+    steady = stats([10.0, 10.2, 10.1, 9.9, 10.0, 10.3, 10.1, 10.0, 9.8, 10.2])
+    assert timing_warnings("fast", steady) == []
+    (few,) = timing_warnings("fast", stats([10.0, 10.1, 10.2]))
+    assert few.startswith("fast: 3 timed steps, fewer than 10")
+    (wide,) = timing_warnings("fast", stats([43.7] * 5 + [241.6] * 5))
+    assert "p90/p10 5.5 > 1.5" in wide
+    assert wait_warning("dali", 0.50, 0.48) == []  # waiting explains it
+    (odd,) = wait_warning("nvjpeg", 0.50, 0.02)
+    assert odd.startswith("nvjpeg: 0.50x step-only with 2% data wait") and "about 0.98x" in odd
+    assert wait_warning("torchvision", 1.30, 0.0)  # faster than the step alone: the reference is noisy
 
 
 def test_bad_override_and_options_fail_fast(capsys):
@@ -289,6 +319,7 @@ def test_device_script_dry_run_with_wheel_parts(tmp_path):
     assert (tmp_path / "site" / "fakedali" / "payload.bin").stat().st_size == 3 * 2 ** 20
     assert [s["name"] for s in merged["sections"]] == ["env", "teacher"]
     assert merged["env"]["torch"] == torch.__version__
+    assert merged["env"]["fdfast"] == importlib.metadata.version("fdfast") and "git_commit" in merged["env"]
     assert merged["teacher"]["results"][0]["name"] == "official-fp16"
     summary = (out / "summary.md").read_text()
     assert "Teacher target alone" in summary and "Carried wheels" in summary and "Sections" in summary

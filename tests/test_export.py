@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from fdfast.checkpoint import save_checkpoint
+from fdfast.checkpoint import save_best, save_checkpoint
 from fdfast.cli.export import main
 from fdfast.config import DataConfig, StudentConfig, config_from_dict, to_dict
 from fdfast.constants import CLIP_MEAN, CLIP_STD
@@ -158,6 +158,50 @@ def test_finetuned_checkpoint_exports_to_timm_only(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "fine-tuned student" in err and "--format timm" in err and "Traceback" not in err
     assert not (tmp_path / "o.pth").exists()
+
+
+@torch.no_grad()
+def test_a_finetune_run_exports_its_best_weights_unless_which_last(tmp_path, capsys):
+    fields = dict(BEIT)
+    last, best = perturbed(build(fields, 5, True), seed=1), perturbed(build(fields, 5, True), seed=2)
+    folder = write_fdfast_checkpoint(tmp_path / "run", last, None, fields, task="finetune", num_classes=5)
+    state = torch.load(folder / "state.pt", weights_only=True)
+    save_best(tmp_path / "run", {"model": best.state_dict(), "step": 10, "epoch": 1, "best": {"top1": 50.0},
+                                 "config": state["config"]}, config=state["config"])
+    x = images()
+
+    def exported(*args: str) -> torch.Tensor:
+        out = tmp_path / f"export{len(list(tmp_path.glob('export*')))}"
+        assert main([*args, "--format", "timm", "--out", str(out), "-q"]) == 0, capsys.readouterr().err
+        return timm.create_model(f"local-dir:{out}", pretrained=True).eval()(x)
+    run = str(tmp_path / "run")
+    for args in ([run], [run, "--which", "best"], [str(tmp_path / "run" / "best")],
+                 [str(tmp_path / "run" / "checkpoints"), "--which", "best"]):
+        assert torch.equal(exported(*args), best(x)), args
+    for args in ([run, "--which", "last"], [str(folder)]):
+        assert torch.equal(exported(*args), last(x)), args
+
+    # --which picks within a run; one checkpoint is one checkpoint
+    assert main([str(folder), "--which", "last", "--format", "timm", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--which last picks within a run folder" in err
+    # damaged best weights: the default says so and takes the newest checkpoint; --which best refuses
+    weights = tmp_path / "run" / "best" / "state.pt"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"x")
+    assert torch.equal(exported(run), last(x))
+    assert main([run, "--which", "best", "--format", "timm", "--out", str(tmp_path / "o")]) == 2
+    assert "no usable best weights" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_a_distillation_run_has_no_best_and_help_lists_every_input(vit_run, tmp_path, capsys):
+    folder, _, _ = vit_run
+    assert main([str(folder.parent.parent), "--which", "best", "--format", "timm", "--out", str(tmp_path / "o")]) == 2
+    assert "no best/" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for accepted in ("RUN ", "RUN/checkpoints ", "RUN/checkpoints/step_N", "RUN/best", "state.pt", "--which"):
+        assert accepted in text, accepted
 
 
 def test_bad_inputs_exit_2_with_a_message(tmp_path, capsys):

@@ -17,7 +17,10 @@ from fdfast import checkpoint as ckpt
 from fdfast.config import ConfigError, config_from_dict, load_config
 from fdfast.distributed import DistInfo
 from fdfast.tasks.evaluation import eval_counts, summarize_counts
-from fdfast.tasks.finetune import BatchAugment
+from fdfast.cli.train import main as train_main
+from fdfast.tasks.classes import resolve_num_classes
+from fdfast.tasks.finetune import BatchAugment, FinetuneTask
+from fdfast.trainer import train as train_run
 from fdfast.trainer import build_task
 from fdfast.models.student import DistillModel, build_student
 from fdfast.objective import normalize
@@ -25,6 +28,7 @@ from fdfast.optim import build_optimizer
 from fdfast.step import TrainStep
 from fdfast.constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from pipelines.generate import make_image_folder
+from conftest import tiny_dict
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = DistInfo()
@@ -133,6 +137,71 @@ def test_odd_batch_with_mixup_is_a_config_error(tmp_path):
 def test_num_classes_must_agree(tmp_path):
     with pytest.raises(ConfigError, match="data.num_classes"):
         ft_cfg(tmp_path, data={"num_classes": 1000})
+
+
+def _unset_classes(tmp_path, train_dir, **data) -> dict:
+    d = ft_dict(tmp_path, train_dir=train_dir, train={"epochs": 1}, augment={"mixup": 0.0, "cutmix": 0.0})
+    d["model"]["student"]["num_classes"] = 0
+    d["data"].pop("num_classes")
+    d["data"].update(data)
+    return d
+
+
+def test_class_count_is_read_from_the_folder_and_the_student_follows(folders, tmp_path):
+    train, _ = folders
+    cfg = config_from_dict(_unset_classes(tmp_path, train))
+    assert (cfg.data.num_classes, cfg.model.student.num_classes) == (None, 0)
+    resolved = resolve_num_classes(cfg)
+    assert (resolved.data.num_classes, resolved.model.student.num_classes) == (6, 6)
+    assert FinetuneTask(cfg, CPU).model.head.out_features == 6  # built from the API, resolved as well
+    summary = train_run(cfg)
+    written = load_config(Path(summary["output_dir"]) / "config.yaml")  # the records hold the resolved count
+    assert (written.data.num_classes, written.model.student.num_classes) == (6, 6)
+
+
+def test_class_count_is_read_from_a_beton(folders, tmp_path):
+    pytest.importorskip("ffcv")
+    from pipelines.ffcv_writer import convert_folder
+    train, _ = folders
+    beton = tmp_path / "train.beton"
+    convert_folder(str(train), str(beton), num_workers=1)
+    cfg = config_from_dict(_unset_classes(tmp_path, beton, backend="ffcv", auto_augment=None))
+    assert resolve_num_classes(cfg).model.student.num_classes == 6
+
+
+def test_a_class_count_the_data_do_not_hold_is_one_line_before_any_weights_load(folders, tmp_path, monkeypatch,
+                                                                               capsys):
+    train, _ = folders
+    import fdfast.tasks.finetune as finetune
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("weights were loaded before the class count was checked")
+    monkeypatch.setattr(finetune, "load_student_weights", loaded)
+    monkeypatch.setattr(finetune, "build_student", loaded)
+    d = _unset_classes(tmp_path, train, num_classes=10)
+    d["model"]["pretrained"] = str(tmp_path)  # would be read, if it came to that
+    with pytest.raises(ConfigError, match=r"data\.num_classes=10 but data\.train=.* holds 6 classes"):
+        train_run(config_from_dict(d))
+    d = _unset_classes(tmp_path, train)
+    d["model"]["student"]["num_classes"] = 5
+    with pytest.raises(ConfigError, match=r"model\.student\.num_classes=5 but data\.train=.* holds 6 classes"):
+        train_run(config_from_dict(d))
+    file = tmp_path / "ft.yaml"
+    file.write_text(json.dumps(d))
+    assert train_main(["--config", str(file)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.student.num_classes=5" in err, err
+
+
+def test_a_distillation_recorded_with_a_class_count_resumes_with_it_unset(tmp_path):
+    """Earlier versions wrote data.num_classes: 1000 into every config; a distillation has no head, so the
+    same run resumed with the count unset is no config change worth refusing (a classifier's head size is
+    model.student.num_classes, which stays guarded)."""
+    d = tiny_dict(tmp_path, train={"max_steps": 2})
+    train_run(config_from_dict(d))
+    d["data"].pop("num_classes")
+    d["train"]["max_steps"] = 3
+    assert train_run(config_from_dict(d))["step"] == 3
 
 
 # ----------------------------------------------------------------------------------------------

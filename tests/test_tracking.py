@@ -1,5 +1,8 @@
 """Tracker: metrics.jsonl + TensorBoard scalars (+ W&B), rank 0 only; peak memory; run environment."""
+import importlib.metadata
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -113,6 +116,20 @@ def test_wandb_gets_the_same_scalars_and_a_rerun_continues_the_same_run(tmp_path
     assert fake.finished == 1
     Tracker(cfg, out).close()
     assert fake.inits[1]["id"] == first["id"] and fake.finished == 2
+    assert (first["entity"], first["group"], first["tags"]) == (None, None, None)  # W&B's own defaults
+
+
+def test_wandb_entity_name_group_and_tags_come_from_the_log_section(tmp_path, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = load_config(None, ["log.wandb=true", "log.wandb_entity=my-team", "log.wandb_name=fd-b16-run1",
+                             "log.wandb_group=fd-b16", "log.wandb_tags=[distill, clip]", "log.tensorboard=false"]).log
+    Tracker(cfg, tmp_path / "run").close()
+    (init,) = fake.inits
+    assert (init["entity"], init["name"], init["group"], init["tags"]) == ("my-team", "fd-b16-run1", "fd-b16",
+                                                                         ["distill", "clip"])
+    with pytest.raises(ConfigError, match=r"log\.wandb_tags"):
+        load_config(None, ["log.wandb_tags=7"])
 
 
 def test_log_section_checks_its_wandb_keys():
@@ -132,20 +149,50 @@ def test_peak_memory_is_none_on_cpu_and_gib_on_cuda(monkeypatch):
     assert device_peak_memory_gib("cuda:1", reset=True) == 3.0 and resets == [torch.device("cuda", 1)]
 
 
-def test_run_environment_names_the_commit_and_versions(monkeypatch):
+def test_run_environment_names_the_version_commit_libraries_and_hardware(monkeypatch):
     env = run_environment()
     assert env["torch"] == torch.__version__ and env["timm"] == timm.__version__
-    assert set(env) == {"git_commit", "python", "torch", "cuda", "timm", "torchvision", "dali", "ffcv"}
+    assert set(env) == {"fdfast", "git_commit", "python", "torch", "cuda", "timm", "torchvision", "dali", "ffcv",
+                        "cpu", "gpu", "gpu_count", "gpu_driver"}
+    assert env["fdfast"] == importlib.metadata.version("fdfast") and env["cpu"]
     if (ROOT / ".git").exists():
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
         assert env["git_commit"] == head
+    if not torch.cuda.is_available():
+        assert (env["gpu"], env["gpu_count"], env["gpu_driver"]) == (None, 0, None)
     json.dumps(env)  # goes into summary.json as is
 
     def no_git(*args, **kwargs):
         raise FileNotFoundError("git")
     monkeypatch.setattr(tracking.subprocess, "run", no_git)
     assert run_environment()["git_commit"] is None
+
+
+def test_a_copy_outside_a_checkout_names_its_version_and_no_commit(tmp_path):
+    copy = tmp_path / "site"
+    shutil.copytree(ROOT / "fdfast", copy / "fdfast", ignore=shutil.ignore_patterns("__pycache__", "configs"))
+    script = "import json, fdfast.tracking as t; print(t.__file__); print(json.dumps(t.run_environment()))"
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(copy)},
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    module, env = r.stdout.splitlines()[:2]
+    env = json.loads(env)
+    assert Path(module).is_relative_to(copy)
+    assert env["git_commit"] is None and env["fdfast"] == importlib.metadata.version("fdfast")
+
+
+def test_the_nvidia_driver_is_read_from_proc_or_nvidia_smi(monkeypatch):
+    proc = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.124.06  Release Build  (dvs-builder@U16)"
+    monkeypatch.setattr(tracking.Path, "read_text", lambda self: proc)
+    assert tracking._nvidia_driver() == "570.124.06"
+
+    def no_proc(self):
+        raise FileNotFoundError(self)
+    monkeypatch.setattr(tracking.Path, "read_text", no_proc)
+    monkeypatch.setattr(tracking.subprocess, "run", lambda *a, **k: types.SimpleNamespace(
+        returncode=0, stdout="550.54.15\n550.54.15\n"))
+    assert tracking._nvidia_driver() == "550.54.15"
 
 
 def test_a_training_run_records_every_group_lr_time_memory_and_its_environment(tiny_cfg, tmp_path):
@@ -161,6 +208,7 @@ def test_a_training_run_records_every_group_lr_time_memory_and_its_environment(t
     assert saved["img_per_s_per_device_mean"] > 0 and saved == json.loads(json.dumps(summary))
     env = saved["environment"]
     assert env["torch"] == torch.__version__.split("+")[0] or env["torch"] == torch.__version__
+    assert env["fdfast"] == importlib.metadata.version("fdfast") and env["cpu"]
     assert any((out / "tensorboard").rglob("events.out.tfevents.*"))
 
 

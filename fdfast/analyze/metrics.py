@@ -1,4 +1,4 @@
-"""Attention statistics of spec §5, as tensor functions plus a running accumulator per layer.
+"""Attention statistics of spec §5, as tensor functions plus a per-image record per layer.
 
 Every function takes attention probabilities over *patch* tokens: ``(..., P, P)`` with rows (queries)
 summing to 1 over the ``P = gh * gw`` patch keys of a row-major grid. :func:`patch_attention` gets there
@@ -10,6 +10,8 @@ mass is reported separately).
 * locality ("diagonality"): the mass a query puts on keys within ``radius`` patches in both directions
   (the 2-D band around the diagonal of a row-major map); the identity map scores 1;
 * head cosine: mean pairwise cosine similarity of the heads' flattened maps (1 = identical heads).
+
+:func:`uniform_reference` gives what attention spread evenly over a grid scores on each of them.
 """
 from __future__ import annotations
 
@@ -84,16 +86,27 @@ class LayerGeometry:
     windowed: bool = False
 
 
+def uniform_reference(geometry: "LayerGeometry", radius: int) -> dict:
+    """What uniform attention (every query spreads its mass evenly over the layer's patch keys) scores on
+    ``geometry``'s grid: the floor a map has to rise above before it says anything about where heads look.
+    Identical heads have cosine 1 and no spread of distances."""
+    dist = distance_matrix(geometry.grid, geometry.token_px)
+    near = neighbourhood(geometry.grid, radius).float()
+    return {"distance_px": float(dist.double().mean()), "locality": float(near.double().mean()),
+            "head_cosine": 1.0, "distance_spread_px": 0.0}
+
+
 @dataclass
 class LayerStats:
-    """Running sums of one layer's statistics over every map it produced (an image, or a Swin window)."""
+    """One layer's statistics, kept per image (a Swin image's windows are averaged into it) so that every
+    mean carries a bootstrap interval over the images, plus the summed maps for the averaged picture."""
     geometry: LayerGeometry
     radius: int = 1
-    count: int = 0
-    distance: Optional[torch.Tensor] = None   # (H,) summed pixel distances
-    local: Optional[torch.Tensor] = None      # (H,) summed locality
-    prefix_mass: Optional[torch.Tensor] = None  # (H,) summed mass on CLS
-    cosine: float = 0.0
+    count: int = 0                            # maps seen (images, or images x windows)
+    distance: list = field(default_factory=list)     # (images, H) pixel distance per batch
+    local: list = field(default_factory=list)        # (images, H) locality per batch
+    prefix_mass: list = field(default_factory=list)  # (images, H) mass on CLS per batch
+    cosine: list = field(default_factory=list)       # (images,) mean pairwise head cosine per batch
     mean_map: Optional[torch.Tensor] = None   # (H, P, P) summed patch maps
     _consts: dict = field(default_factory=dict, repr=False)
 
@@ -104,38 +117,50 @@ class LayerStats:
                                     neighbourhood(g.grid, self.radius).to(device))
         return self._consts[device]
 
-    def update(self, attn: torch.Tensor) -> None:
-        """Add a batch of full maps ``(B, H, N, N)`` (B = images, or images x windows)."""
+    def update(self, attn: torch.Tensor, images: Optional[int] = None) -> None:
+        """Add a batch of full maps ``(B, H, N, N)`` of ``images`` images (B = images, or images x windows
+        for Swin, image-major as timm's window partition lays them out; None: one map per image)."""
         patches, to_prefix = patch_attention(attn.detach(), self.geometry.prefix)
         expected = self.geometry.grid[0] * self.geometry.grid[1]
         if patches.shape[-1] != expected:
             raise RuntimeError(f"{self.geometry.name}: attention over {patches.shape[-1]} patch tokens, expected "
                                f"{self.geometry.grid} = {expected}")
+        images = images or patches.shape[0]
+        if patches.shape[0] % images:
+            raise RuntimeError(f"{self.geometry.name}: {patches.shape[0]} maps do not split into {images} images")
         dist, near = self._const(patches.device)
-        sums = (mean_distance(patches, dist).sum(0), locality(patches, near).sum(0), to_prefix.mean(-1).sum(0),
-                patches.sum(0))
-        if self.count == 0:
-            self.distance, self.local, self.prefix_mass, self.mean_map = sums
-        else:
-            self.distance += sums[0]
-            self.local += sums[1]
-            self.prefix_mass += sums[2]
-            self.mean_map += sums[3]
-        self.cosine += float(head_cosine(patches).sum())
+
+        def per_image(values: torch.Tensor) -> torch.Tensor:  # (maps, ...) -> (images, ...) window mean
+            return values.reshape(images, -1, *values.shape[1:]).mean(1).double().cpu()
+        self.distance.append(per_image(mean_distance(patches, dist)))
+        self.local.append(per_image(locality(patches, near)))
+        self.prefix_mass.append(per_image(to_prefix.mean(-1)))
+        self.cosine.append(per_image(head_cosine(patches)))
+        summed = patches.sum(0)
+        self.mean_map = summed if self.mean_map is None else self.mean_map + summed
         self.count += patches.shape[0]
 
+    def per_image(self) -> dict[str, torch.Tensor]:
+        """float64 per-image values: ``distance_px``, ``locality``, ``cls_mass`` (images, H) and
+        ``head_cosine`` (images,)."""
+        return {"distance_px": torch.cat(self.distance), "locality": torch.cat(self.local),
+                "cls_mass": torch.cat(self.prefix_mass), "head_cosine": torch.cat(self.cosine)}
+
     def summary(self) -> dict:
-        """Plain values for the JSON outputs (per-head lists, averaged over every map seen)."""
-        g, n = self.geometry, max(self.count, 1)
-        distance = (self.distance / n).tolist()
+        """Plain values for the JSON outputs (per-head lists, averaged over every image), and the values of
+        uniform attention on this layer's grid."""
+        g, values = self.geometry, self.per_image()
+        distance = values["distance_px"].mean(0)
+        heads = distance.numel()
         return {
-            "name": g.name, "heads": len(distance), "grid": list(g.grid), "token_px": list(g.token_px),
-            "windowed": g.windowed, "maps": self.count,
-            "distance_px": distance,
-            "distance_spread_px": float(torch.tensor(distance).std(unbiased=False)),
-            "locality": (self.local / n).tolist(),
-            "cls_mass": (self.prefix_mass / n).tolist() if g.prefix else None,
-            "head_cosine": self.cosine / n if len(distance) > 1 else None,  # undefined for one head
+            "name": g.name, "heads": heads, "grid": list(g.grid), "token_px": list(g.token_px),
+            "windowed": g.windowed, "maps": self.count, "images": int(values["head_cosine"].shape[0]),
+            "distance_px": distance.tolist(),
+            "distance_spread_px": float(distance.std(unbiased=False)),
+            "locality": values["locality"].mean(0).tolist(),
+            "cls_mass": values["cls_mass"].mean(0).tolist() if g.prefix else None,
+            "head_cosine": float(values["head_cosine"].mean()) if heads > 1 else None,  # undefined for one head
+            "uniform": uniform_reference(g, self.radius),
         }
 
     def average_map(self) -> torch.Tensor:

@@ -15,9 +15,11 @@ from ..logging import log
 from ..objective import normalize
 from .capture import attention_layers, capture_attention
 from .data import Batch, check_image_folder, load_images, resize_pixels
-from .landscape import classification_loss_fn, fd_loss_fn, landscape_points, loss_landscape
+from .landscape import classification_loss_fn, fd_loss_fn, landscape_points, loss_landscape, teacher_fd_loss_fn
 from .metrics import LayerStats
 from .report import write_outputs
+from .stats import CONFIDENCE, Bootstrap
+from .summary import layer_intervals, model_summary
 from ..interop.sources import Subject, TeacherSpec, load_subjects
 
 
@@ -46,6 +48,8 @@ class AnalyzeOptions:
     """Rebuild the teachers of distilled runs (False: students only, without their FD loss)."""
     landscape: bool = True
     """Compute the loss landscapes."""
+    teacher_landscape: bool = False
+    """Also give each teacher a landscape: the FD loss against its own whitened tokens w.r.t. its weights."""
     landscape_images: int = 32
     """The first images of the set, on which the landscape losses are evaluated."""
     grid: int = 11
@@ -55,7 +59,13 @@ class AnalyzeOptions:
     span: float = 1.0
     """Landscape range: α, β in [-span, span] (in units of the filter-normalised directions)."""
     seed: int = 0
-    """Seeds the image subset, the generated images and the landscape directions."""
+    """Seeds the image subset, the generated images, the landscape directions and the bootstrap."""
+    bootstrap: int = 1000
+    """Resamples of the images behind every 95 % interval (percentile bootstrap)."""
+    min_effect: float = 0.01
+    """Smallest gap, as a share of a measure's scale, that the report calls a model ahead on."""
+    autoscale: bool = False
+    """Let the figures' value axes zoom on the data instead of starting where the quantity does."""
     num_workers: int = 2
     """Image decoding workers."""
     trust_pickle: bool = False
@@ -67,6 +77,8 @@ class AnalyzeOptions:
         need(self.num_images > 0 and self.batch_size > 0, "--num-images and --batch-size must be > 0")
         need(self.radius >= 0, f"--radius must be >= 0, got {self.radius}")
         need(self.span > 0, f"--span must be > 0, got {self.span}")
+        need(self.bootstrap >= 1, f"--bootstrap must be >= 1, got {self.bootstrap}")
+        need(self.min_effect >= 0, f"--min-effect must be >= 0, got {self.min_effect}")
         need(self.grid >= 2 and self.line_points >= 2, "--grid and --line-points must be >= 2")
         need(0 < self.landscape_images <= self.num_images,
              f"--landscape-images {self.landscape_images} must be in [1, --num-images {self.num_images}]")
@@ -84,13 +96,16 @@ def resolve_device(name: str) -> torch.device:
 
 def attention_statistics(subject: Subject, batches: list[Batch], device: torch.device, radius: int,
                          advance: Callable[[], None]) -> list[LayerStats]:
-    """Run every batch through the model with its attention captured; one :class:`LayerStats` per layer."""
+    """Run every batch through the model with its attention captured; one :class:`LayerStats` per layer,
+    holding each image's values."""
     stats: list[LayerStats] = []
+    images = [0]  # the current batch's image count: a Swin layer's maps are images x windows
     net = subject.network
-    with capture_attention(net, lambda i, attn: stats[i].update(attn)) as geometries, torch.no_grad():
+    with capture_attention(net, lambda i, attn: stats[i].update(attn, images[0])) as geometries, torch.no_grad():
         stats.extend(LayerStats(g, radius) for g in geometries)
-        for images, _ in batches:
-            pixels = resize_pixels(images.to(device), subject.img_size)
+        for batch, _ in batches:
+            images[0] = batch.shape[0]
+            pixels = resize_pixels(batch.to(device), subject.img_size)
             net.forward_features(normalize(pixels, subject.mean, subject.std))
             advance()
     return stats
@@ -107,16 +122,46 @@ def _first_images(batches: list[Batch], n: int) -> list[Batch]:
 
 
 def _loss_fn(subject: Subject, batches: list[Batch], device: torch.device):
-    """(loss function, parameters it depends on) of the subject's own objective."""
+    """(loss function, parameters it depends on, loss kind) of the subject's own objective; a teacher's is
+    the FD loss against its own whitened tokens (``--teacher-landscape``)."""
+    if subject.role == "teacher":
+        fn = teacher_fd_loss_fn(subject.teacher, batches, device, eps=subject.whiten_eps, beta=subject.loss_beta)
+        return fn, dict(subject.network.named_parameters()), "fd"
     if subject.loss_kind == "fd":
         fn = fd_loss_fn(subject.network, subject.arch, subject.projector, subject.teacher, batches, subject.img_size,
                         device, eps=subject.whiten_eps, beta=subject.loss_beta)
         params = {f"encoder.{n}": p for n, p in subject.network.named_parameters()}
         params.update({f"decoder.{n}": p for n, p in subject.projector.named_parameters()})
-        return fn, params
+        return fn, params, "fd"
     fn = classification_loss_fn(subject.network, subject.num_classes, batches, subject.img_size, subject.mean,
                                 subject.std, device)
-    return fn, dict(subject.network.named_parameters())
+    return fn, dict(subject.network.named_parameters()), "ce"
+
+
+def _has_loss(subject: Subject, opts: AnalyzeOptions) -> bool:
+    own = subject.loss_kind is not None and subject.role != "teacher"
+    teacher = opts.teacher_landscape and subject.role == "teacher" and subject.teacher is not None
+    return opts.landscape and (own or teacher)
+
+
+def _no_landscape(subject: Subject, opts: AnalyzeOptions) -> str:
+    if not opts.landscape:
+        return "--no-landscape"
+    if subject.role == "teacher":
+        return "a teacher has no loss of its own (--teacher-landscape gives it the FD loss against its own target)"
+    return "no loss of its own (a headless backbone)"
+
+
+def with_intervals(models: dict, per_image: dict, landscapes: dict, opts: AnalyzeOptions) -> dict:
+    """Adds each layer's ``*_ci`` entries to ``models`` and returns the per-model summaries with theirs."""
+    boot = Bootstrap(opts.num_images, opts.bootstrap, opts.seed)
+    land_boot = Bootstrap(opts.landscape_images, opts.bootstrap, opts.seed)
+    summaries = {}
+    for name, entry in models.items():
+        for layer, values in zip(entry["layers"], per_image[name]):
+            layer.update(layer_intervals(values, boot))
+        summaries[name] = model_summary(entry["layers"], per_image[name], boot, landscapes.get(name), land_boot)
+    return summaries
 
 
 def _shown_layers(requested: Optional[list[int]], n: int, name: str) -> list[int]:
@@ -140,10 +185,10 @@ def analyze(opts: AnalyzeOptions) -> list[Path]:
     # everything that can be refused is checked before the long part: layers to draw, labels vs classes
     shown = {s.name: _shown_layers(opts.layers, len(attention_layers(s.network)), s.name) for s in subjects}
     losses = {s.name: _loss_fn(s, _first_images(batches, opts.landscape_images), device)
-              for s in subjects if opts.landscape and s.loss_kind}
+              for s in subjects if _has_loss(s, opts)}
     log(f"analysing {', '.join(f'{s.name} ({s.role})' for s in subjects)} on {opts.num_images} images "
         f"({opts.data or 'generated'}) at {size} px, device {device}")
-    models, maps, landscapes, skipped = {}, {}, {}, {}
+    models, per_image, maps, landscapes, skipped = {}, {}, {}, {}, {}
     total = len(subjects) * len(batches) + len(losses) * landscape_points(opts.grid, opts.line_points)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, disable=not opts.progress, transient=True) as bar:
@@ -154,19 +199,24 @@ def analyze(opts: AnalyzeOptions) -> list[Path]:
             stats = attention_statistics(s, batches, device, opts.radius, advance)
             models[s.name] = {"role": s.role, "source": s.source, "img_size": s.img_size, "mean": list(s.mean),
                               "std": list(s.std), "layers": [st.summary() for st in stats]}
+            per_image[s.name] = [st.per_image() for st in stats]
             maps[s.name] = {stats[i].geometry.name: stats[i].average_map() for i in shown[s.name]}
         for s in subjects:
             if s.name not in losses:
-                skipped[s.name] = ("--no-landscape" if not opts.landscape else
-                                   "no loss of its own (a teacher or a headless backbone)")
+                skipped[s.name] = _no_landscape(s, opts)
                 continue
             bar.update(task, description=f"landscape {s.name}")
-            fn, params = losses[s.name]
+            fn, params, kind = losses[s.name]
             land = loss_landscape(params, fn, span=opts.span, grid=opts.grid, line_points=opts.line_points,
                                   seed=opts.seed, on_point=advance)
-            landscapes[s.name] = {"loss": s.loss_kind, "images": opts.landscape_images, "grid": opts.grid, **land}
+            target = "its own whitened tokens" if s.role == "teacher" else None
+            landscapes[s.name] = {"loss": kind, "target": target, "images": opts.landscape_images,
+                                  "grid": opts.grid, **land}
+    summaries = with_intervals(models, per_image, landscapes, opts)
     settings = {"images": opts.num_images, "data": opts.data or "generated images", "img_size": size,
-                "radius": opts.radius, "landscape_images": opts.landscape_images, "device": str(device)}
-    written = write_outputs(Path(opts.out), models, maps, landscapes, skipped, settings)
+                "radius": opts.radius, "landscape_images": opts.landscape_images, "device": str(device),
+                "bootstrap": {"resamples": opts.bootstrap, "confidence": CONFIDENCE, "seed": opts.seed,
+                              "min_effect": opts.min_effect}, "autoscale": opts.autoscale}
+    written = write_outputs(Path(opts.out), models, summaries, per_image, maps, landscapes, skipped, settings)
     log(f"wrote {len(written)} files to {opts.out}; start with {Path(opts.out) / 'report.md'}")
     return written

@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--data", help="ImageFolder root (class sub-folders of images)")
     data.add_argument("--synthetic", action="store_true", help="generated images instead (smoke tests)")
     p.add_argument("--out", required=True, help="output folder (JSON, PNG, report.md)")
-    p.add_argument("--num-images", type=int, default=64)
+    p.add_argument("--num-images", type=int, default=64,
+                   help="images the statistics and their intervals average over (default 64, a seeded subset)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--img-size", type=int, default=None, help="image preparation size (default: largest model input)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
@@ -51,6 +52,17 @@ def _parser() -> argparse.ArgumentParser:
     land.add_argument("--grid", type=int, default=11, help="2-D grid points per axis")
     land.add_argument("--line-points", type=int, default=21, help="points of the 1-D slice")
     land.add_argument("--span", type=float, default=1.0, help="α, β range [-span, span]")
+    land.add_argument("--teacher-landscape", action="store_true",
+                      help="give each teacher a landscape too: the FD loss against its own whitened tokens")
+    sure = p.add_argument_group("intervals and figures")
+    sure.add_argument("--bootstrap", type=int, default=1000,
+                      help="resamples of the images behind every 95%% interval (percentile bootstrap)")
+    sure.add_argument("--min-effect", type=float, default=0.01,
+                      help="smallest gap, as a share of a measure's scale (pixels: the uniform-attention distance; "
+                           "locality, cosine: 1), that separated intervals must also show before a model is "
+                           "called ahead (default 0.01; 0: the intervals alone)")
+    sure.add_argument("--autoscale", action="store_true",
+                      help="let the figures' value axes zoom on the data (default: from 0; shares and cosines to 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--trust-pickle", action="store_true", help="allow files that pickle code (runs it!)")
@@ -75,7 +87,8 @@ def _options(a: argparse.Namespace) -> AnalyzeOptions:
         batch_size=a.batch_size, img_size=a.img_size, device=a.device, layers=layers, radius=a.radius,
         teacher=teacher, with_teacher=not a.no_teacher, landscape=not a.no_landscape,
         landscape_images=a.landscape_images or min(32, a.num_images), grid=a.grid, line_points=a.line_points,
-        span=a.span, seed=a.seed, num_workers=a.num_workers, trust_pickle=a.trust_pickle, progress=not a.quiet)
+        span=a.span, seed=a.seed, num_workers=a.num_workers, trust_pickle=a.trust_pickle, progress=not a.quiet,
+        teacher_landscape=a.teacher_landscape, bootstrap=a.bootstrap, min_effect=a.min_effect, autoscale=a.autoscale)
 
 
 def main(argv=None) -> int:

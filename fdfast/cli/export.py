@@ -2,6 +2,7 @@
 
     fdfast-export runs/fd/checkpoints/step_00062500 --format timm --out exported/fd_vitb
     fdfast-export runs/fd --format official --out exported/fd_vitb.pth
+    fdfast-export runs/ft --format timm --out exported/ft_vitb          # a fine-tune run: its best/ weights
 
 The checkpoint's own config names the student architecture and the eval preprocessing. ``--format timm``
 writes a folder in the timm / Hugging Face layout (``model.safetensors`` + ``config.json``; or a
@@ -18,16 +19,28 @@ import sys
 from typing import Optional, Sequence
 
 from ..errors import UserError
-from ..interop.export import export_checkpoint
+from ..interop.export import export_checkpoint, export_source
 from .common import exit_code
 
 PROG = "fdfast-export"
+INPUTS = """\
+checkpoint is one of (fdfast-train's outputs):
+  RUN                     a run folder (train.output_dir): its best/ weights when it
+                          has them (fine-tune / probe runs with data.val), else its
+                          newest complete checkpoint; --which best|last chooses
+  RUN/checkpoints         the same as RUN
+  RUN/checkpoints/step_N  that checkpoint (a step_XXXXXXXX folder)
+  RUN/best                the best weights of a fine-tune / probe run
+  .../state.pt            the weights file inside any of those folders"""
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", help="fdfast checkpoint: step_XXXXXXXX folder, its state.pt, or the run folder "
-                                      "(newest complete checkpoint)")
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=INPUTS,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="run folder, step folder, best/ or state.pt (see below)")
+    p.add_argument("--which", choices=("best", "last"), default=None,
+                   help="with a run folder: its best/ weights or its newest checkpoint (default: best when the run "
+                        "has it, else last)")
     p.add_argument("--format", required=True, choices=("timm", "official"), help="output layout")
     p.add_argument("--out", required=True, help="timm: output folder (or .safetensors file); official: .pth file")
     p.add_argument("--model-name", default=None,
@@ -45,8 +58,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
 
     def work() -> int:
-        out = export_checkpoint(args.checkpoint, args.format, args.out, model_name=args.model_name,
-                                finetune_layout=args.finetune_layout)
+        out = export_checkpoint(export_source(args.checkpoint, args.which), args.format, args.out,
+                                model_name=args.model_name, finetune_layout=args.finetune_layout)
         print(out)  # stdout: just the written path, for scripts; the details went to the log (stderr)
         return 0
     # OSError: --out cannot be written (permissions, space)

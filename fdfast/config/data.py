@@ -13,6 +13,8 @@ AUTO_AUGMENT_BACKENDS = ("torchvision",)
 # Backends whose evaluation crop is a centre crop of the resized image that cannot be padded (torchvision's
 # CenterCrop pads an image smaller than the crop; FFCV's decoder and the DALI graph do not).
 CENTER_CROP_BACKENDS = ("ffcv", "dali")
+# Classes of the synthetic backend's labels when neither data.num_classes nor model.student.num_classes says.
+SYNTHETIC_CLASSES = 1000
 
 
 @dataclass(kw_only=True)
@@ -23,8 +25,10 @@ class DataConfig:
     """Training set: ImageFolder directory (torchvision, dali, nvjpeg) or .beton file (ffcv)."""
     val: str = ""
     """Validation set, same kinds as `train`; empty = no evaluation."""
-    num_classes: int = 1000
-    """Number of classes (synthetic labels; fine-tune head)."""
+    num_classes: Optional[int] = None
+    """Number of classes (fine-tune head, synthetic labels); null = read from data.train (its class folders,
+    or the labels of its .beton) when a fine-tune / probe starts; synthetic: model.student.num_classes, else
+    1000. model.student.num_classes 0 follows it."""
     synthetic_size: int = 4096
     """Images per epoch of the synthetic backend."""
     min_scale: float = 0.08
@@ -58,7 +62,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         need(0 < self.min_scale <= self.max_scale <= 1.0,
              f"data.min_scale/max_scale must satisfy 0 < min <= max <= 1, got ({self.min_scale}, {self.max_scale})")
-        need(self.num_classes > 0, f"data.num_classes must be > 0, got {self.num_classes}")
+        need(self.num_classes is None or self.num_classes > 0,
+             f"data.num_classes must be > 0 (or null: read from data.train), got {self.num_classes}")
         need(self.synthetic_size > 0, f"data.synthetic_size must be > 0, got {self.synthetic_size}")
         need(self.eval_resize > 0, f"data.eval_resize must be > 0, got {self.eval_resize}")
         need(self.num_workers >= 0,

@@ -133,7 +133,15 @@ class LogConfig:
     wandb: bool = False
     """Also log to Weights & Biases (needs the wandb package); the run is named after output_dir."""
     wandb_project: str = "fdfast"
-    """W&B project of the run (the entity comes from W&B's own settings, e.g. WANDB_ENTITY)."""
+    """W&B project of the run."""
+    wandb_entity: Optional[str] = None
+    """W&B entity (user or team) that owns the project; null: W&B's own default (WANDB_ENTITY, your login)."""
+    wandb_name: Optional[str] = None
+    """W&B run name; null: the name of train.output_dir."""
+    wandb_group: Optional[str] = None
+    """W&B group, to show related runs together (e.g. the distillation and its fine-tunes); null: none."""
+    wandb_tags: list[str] = field(default_factory=list)
+    """W&B tags of the run."""
     wandb_mode: Literal["online", "offline"] = "online"
     """offline: write the W&B run under <output_dir>/wandb only, for `wandb sync` later (no network)."""
 

@@ -46,10 +46,11 @@ class FDConfig:
                  "only: distillation trains the student from random init. To continue a distillation run, "
                  "use train.resume=PATH (or rerun in the same train.output_dir)")
         else:
-            need(s.num_classes > 0, f"train.task={tr.task!r} needs model.student.num_classes > 0")
-            need(s.num_classes == self.data.num_classes,
+            # model.student.num_classes 0 follows data.num_classes, itself read from the data when unset
+            need(not s.num_classes or self.data.num_classes in (None, s.num_classes),
                  f"model.student.num_classes={s.num_classes} but data.num_classes={self.data.num_classes}; the "
-                 "classifier and the labels must agree: set both to the number of classes of data.train")
+                 "classifier and the labels must agree: set one of them (or neither: both are then read from "
+                 "data.train)")
             need(not (self.augment.mixing and tr.batch_size % 2),
                  f"train.batch_size={tr.batch_size} is odd, but mixup/cutmix (augment.mixup={self.augment.mixup}, "
                  f"augment.cutmix={self.augment.cutmix}) pairs each image with its mirror in the batch (timm "

@@ -23,6 +23,7 @@ import timm
 import torch
 import torch.nn as nn
 
+from .. import checkpoint as ckpt
 from ..checkpoint import atomic_write
 from ..config import FDConfig, config_from_dict
 from ..config.load import MOVED_KEYS
@@ -306,6 +307,30 @@ def checkpoint_config(ckpt: FdfastCheckpoint) -> FDConfig:
         return config_from_dict(data)
     except ConfigError as e:
         raise CheckpointReadError(f"{ckpt.path}: the checkpoint's config does not load: {e}") from None
+
+
+def export_source(path: str | os.PathLike, which: Optional[str] = None) -> Path:
+    """The checkpoint ``path`` names for an export. A run folder (``<output_dir>``, or its ``checkpoints``)
+    gives its ``best/`` weights when it has intact ones (fine-tune / probe runs with ``data.val``) and its
+    newest complete checkpoint otherwise; ``which`` ('best' | 'last') insists on one of the two. Any other
+    path (a step folder, ``best/``, a ``state.pt``) is exported as given."""
+    p = Path(path)
+    run = p.parent if p.name == "checkpoints" else p
+    if not p.is_dir() or (p / "state.pt").exists() or not ((run / "checkpoints").is_dir() or (run / "best").is_dir()):
+        if which is not None:
+            raise ExportError(f"--which {which} picks within a run folder; {p} is one checkpoint (a step folder, "
+                              "best/ or a state.pt): drop --which, or pass the run folder")
+        return p
+    best = run / "best"
+    why = ckpt.verify(best) if best.is_dir() else "no best/ (only fine-tune and probe runs with data.val save one)"
+    if which == "best" and why:
+        raise ExportError(f"--which best: {run} has no usable best weights: {why}; use --which last")
+    if which == "best" or (which is None and not why):
+        log.info("exporting the best weights %s%s", best, "" if which else " (--which last for the newest checkpoint)")
+        return best
+    if which is None and best.is_dir():
+        log.warning("%s is not usable (%s); exporting the newest checkpoint instead", best, why)
+    return run
 
 
 def export_checkpoint(path: str | os.PathLike, fmt: str, out: str | os.PathLike, *,

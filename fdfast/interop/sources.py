@@ -58,7 +58,8 @@ class TeacherSpec:
 class Subject:
     """One loaded model. ``network`` is the timm module; ``role`` is ``student`` (distilled), ``teacher``,
     ``classifier`` (fine-tuned) or ``backbone``. A student with a ``teacher`` and ``projector`` has the FD
-    loss, a classifier (``num_classes`` > 0) cross-entropy. ``mean``/``std``/``eval_resize`` are the
+    loss, a classifier (``num_classes`` > 0) cross-entropy; a teacher's ``teacher`` is itself (no projector, so
+    no loss of its own). ``mean``/``std``/``eval_resize`` are the
     evaluation preprocessing the model expects (``eval_resize`` None: 256/224 of ``img_size``)."""
     name: str
     role: str
@@ -85,7 +86,7 @@ class Subject:
 def _teacher_subject(teacher: Teacher, name: str) -> Subject:
     return Subject(name=name, role="teacher", source=f"{teacher.kind} {teacher.model_name} ({teacher.weights})",
                    network=teacher.model, img_size=teacher.img_size, mean=tuple(teacher.mean),
-                   std=tuple(teacher.std))
+                   std=tuple(teacher.std), teacher=teacher)
 
 
 def build_teacher_from_spec(spec: TeacherSpec, student_img_size: int, *, trust_pickle: bool = False) -> Teacher:

@@ -35,6 +35,7 @@ from ..optim import param_groups
 from ..parallelize import prepare_model, wrap_for_training
 from ..resume import will_resume
 from .base import Task
+from .classes import resolve_num_classes
 from .evaluation import Evaluator, StopCheck
 
 
@@ -112,6 +113,7 @@ class FinetuneTask(Task):
     probe = False
 
     def __init__(self, cfg: FDConfig, info: DistInfo):
+        cfg = resolve_num_classes(cfg) if not cfg.model.student.num_classes else cfg  # the trainer resolves first
         s = cfg.model.student
         self.cfg, self.info = cfg, info
         model = build_student(s, finetune=True)
