@@ -346,6 +346,22 @@ def test_distillation_logs_knn_at_its_cadence_and_leaves_training_alone(tmp_path
     assert plain_evals == [] and [(r["step"], r["loss"]) for r in plain_steps] == [(r["step"], r["loss"]) for r in steps]
 
 
+def test_the_monitor_may_be_turned_on_or_changed_when_a_run_resumes(tmp_path, folders):
+    """The k-NN keys change no weight: a checkpoint written without them (or with other values) resumes."""
+    from fdfast.config import to_dict
+    from fdfast.resume import check_config_drift
+
+    old = to_dict(config_from_dict(knn_dict(tmp_path, folders, knn_every=0)))
+    for section, keys in (("train", ("knn_every", "knn_k", "knn_temperature", "knn_feature")),
+                          ("data", ("knn_train", "knn_train_per_class"))):
+        for key in keys:
+            del old[section][key]  # a checkpoint from before the monitor existed
+    new = to_dict(config_from_dict(knn_dict(tmp_path, folders, knn_every=1, knn_k=5)))
+    logged = []
+    check_config_drift(old, new, allow=False, where=tmp_path, log=logged.append)
+    assert any("train.knn_every: None -> 1" in line for line in logged)
+
+
 def test_a_stop_signal_during_a_knn_pass_abandons_it_and_the_rerun_redoes_it(tmp_path, folders, monkeypatch):
     real, calls = knn_mod.image_features, []
 
