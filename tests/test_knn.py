@@ -343,7 +343,8 @@ def test_distillation_logs_knn_at_its_cadence_and_leaves_training_alone(tmp_path
     # eval mode, no grad and untouched RNG streams: the training is bit-identical to one without the monitor
     train(config_from_dict(knn_dict(tmp_path, folders, "plain", knn_every=0)), CPU)
     plain_steps, plain_evals = records(tmp_path / "plain")
-    assert plain_evals == [] and [(r["step"], r["loss"]) for r in plain_steps] == [(r["step"], r["loss"]) for r in steps]
+    assert plain_evals == []
+    assert [(r["step"], r["loss"]) for r in plain_steps] == [(r["step"], r["loss"]) for r in steps]
 
 
 def test_the_monitor_may_be_turned_on_or_changed_when_a_run_resumes(tmp_path, folders):

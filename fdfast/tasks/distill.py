@@ -65,7 +65,7 @@ class DistillTask(Task):
         self.target = build_target(self.teacher, cfg, info.device, compile_backend)
         self.beta = cfg.model.loss_beta
         self.knn = KNNMonitor(cfg, info) if cfg.train.knn_every else None
-        self.eval_every = cfg.train.knn_every
+        self.eval_every = cfg.train.knn_every or 1  # only read when the monitor is on
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         target = self.target(images)
