@@ -212,7 +212,8 @@ class MeanColour(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1))
 
     def forward_features(self, x):
-        return x.mean((2, 3))[:, None, :].expand(-1, 2, -1)
+        noise = 1e-6 * torch.randn(x.shape[0], 1, 3)  # draws from the global RNG, as a drop path would
+        return (x.mean((2, 3))[:, None, :] + noise).expand(-1, 2, -1)
 
 
 @pytest.fixture(scope="module")
@@ -231,9 +232,26 @@ def test_known_answer_on_generated_images(colours, k, top5):
     data = DataConfig(backend="torchvision", train=str(bank), val=str(val), knn_train=str(bank), num_workers=0,
                       eval_resize=32)
     loaders = build_knn_loaders(data, batch_size=3, img_size=32, device=torch.device("cpu"))  # 16 = 5 x 3 + 1
-    res = knn_evaluate(MeanColour(), *loaders, mean=IMAGENET_MEAN, std=IMAGENET_STD, device=torch.device("cpu"),
+    network, rng = MeanColour().train(), torch.get_rng_state()
+    res = knn_evaluate(network, *loaders, mean=IMAGENET_MEAN, std=IMAGENET_STD, device=torch.device("cpu"),
                        settings=KNNSettings(k=k))
     assert res == {"knn_top1": 100 * 13 / 16, "knn_top5": 100 * top5 / 16, "knn_count": 16, "knn_bank": 20}
+    assert torch.equal(rng, torch.get_rng_state()) and network.training  # RNG streams and mode given back
+
+
+def test_padding_entries_of_the_ranks_are_never_features(colours):
+    """20 bank images over 3 ranks: 7 + 7 + 6 and one black padding image labelled -1, which is dropped."""
+    bank, _ = colours
+    data = DataConfig(backend="torchvision", train=str(bank), val=str(bank), num_workers=0, eval_resize=32)
+    rows, labels = 0, []
+    for rank in range(3):
+        loader = build_loader(data, train=False, batch_size=4, img_size=32, device=torch.device("cpu"), rank=rank,
+                              world_size=3)
+        assert sum((y < 0).sum().item() for _, y in loader) == (1 if rank == 2 else 0)
+        f, y = knn_mod.extract_features(MeanColour(), loader, IMAGENET_MEAN, IMAGENET_STD, torch.device("cpu"), "cls")
+        rows += len(f)
+        labels += y.tolist()
+    assert rows == 20 and sorted(labels) == sorted([c for c in range(4) for _ in range(5)])
 
 
 def test_bank_and_validation_classes_must_match(colours, tmp_path):
