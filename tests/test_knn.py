@@ -347,11 +347,20 @@ def student_knn(run: Path, cfg, feature="cls") -> dict:
 
 
 def test_distillation_logs_knn_at_its_cadence_and_leaves_training_alone(tmp_path, folders):
-    with_knn = config_from_dict(knn_dict(tmp_path, folders, "fd"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    d = knn_dict(tmp_path, folders, "fd")
+    d["log"]["tensorboard"] = True
+    with_knn = config_from_dict(d)
     summary = train(with_knn, CPU)
     steps, evals = records(tmp_path / "fd")
     # every 2nd epoch and at the last step: epochs 2 and 3 of 3 (3 steps per epoch)
     assert [(e["step"], e["epoch"]) for e in evals] == [(6, 2), (9, 3)]
+    events = EventAccumulator(str(tmp_path / "fd" / "tensorboard"))
+    events.Reload()
+    for tag in ("knn_top1", "knn_top5"):
+        assert [(e.step, e.value) for e in events.Scalars(f"eval/{tag}")] == \
+            [(r["step"], pytest.approx(r[tag])) for r in evals]
     assert all(e["knn_count"] == 19 and e["knn_bank"] == 24 and 0 <= e["knn_top1"] <= e["knn_top5"] <= 100
                for e in evals)
     # the k-NN numbers are the final student's (not a fine-tune top-1: no best/ folder, no best record)
