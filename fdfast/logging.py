@@ -2,8 +2,9 @@
 
 The bar is laid out for the terminal it starts on: on 80 columns one line holds the step, the bar,
 loss, img/s (per device) and the ETA, e.g. ``train  1234/62500 ━━━━━━  loss 0.1234  2,147 img/s  ETA 3:04:12``;
-from :data:`WIDE` columns on it also shows the LR and the share of time spent waiting for data. The
-bar takes whatever width the fixed-width fields leave.
+from :data:`WIDE` columns on it also shows the LR and the share of time spent waiting for data. After an
+evaluation its headline (``k-NN 45.3%`` or ``top-1 76.1%``) follows the loss. The bar takes whatever width
+the fixed-width fields leave.
 """
 from __future__ import annotations
 
@@ -50,10 +51,19 @@ def _lr(rec: dict[str, Any]) -> Optional[float]:
     return max(rec["lr_groups"]) if rec.get("lr_groups") else None
 
 
-def _fields(rec: dict[str, Any], eta: Optional[float]) -> dict[str, str]:
+def eval_text(rec: dict[str, Any]) -> str:
+    """The headline of an evaluation record: the k-NN monitor's top-1, or a classifier's."""
+    if rec.get("knn_top1") is not None:
+        return f"k-NN {rec['knn_top1']:.1f}%"
+    return f"top-1 {rec['top1']:.1f}%" if rec.get("top1") is not None else ""
+
+
+def _fields(rec: dict[str, Any], eta: Optional[float], evaluation: str = "") -> dict[str, str]:
     """Each displayed field as text; a field the record lacks is blank."""
     lr, speed, wait = _lr(rec), rec.get("img_per_s_per_device"), rec.get("data_wait")
-    return {"loss": f"loss {rec['loss']:.4f}" if rec.get("loss") is not None else "",
+    loss = f"loss {rec['loss']:.4f}" if rec.get("loss") is not None else ""
+    # one field with the loss: no column (and no width taken from the bar) before the first evaluation
+    return {"loss": "  ".join(s for s in (loss, evaluation) if s),
             "lr": f"lr {lr:.2e}" if lr is not None else "",
             "speed": f"{speed:,.0f} img/s" if speed is not None else "",
             "wait": f"wait {100 * wait:.0f}%" if wait is not None else "",
@@ -88,6 +98,7 @@ class Progress:
         self.total, self.start, self.label = total, start, label
         self.console = console or _console
         self.t0 = time.perf_counter()
+        self.evaluation = ""
         self._bar: Optional[RichProgress] = None
         if not self.enabled:
             return
@@ -102,10 +113,14 @@ class Progress:
         done = step - self.start
         return (time.perf_counter() - self.t0) / done * (self.total - step) if done > 0 else None
 
+    def show_eval(self, rec: dict[str, Any]) -> None:
+        """Show this evaluation's headline (:func:`eval_text`) with the training fields from now on."""
+        self.evaluation = eval_text(rec)
+
     def update(self, step: int, rec: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        fields = _fields(rec, self.eta(step))
+        fields = _fields(rec, self.eta(step), self.evaluation)
         if self._bar is not None:
             self._bar.update(self._task, completed=step, refresh=True, **fields)
             return

@@ -33,7 +33,7 @@ FREE_KEYS = (
     "model.trust_pickle", "model.pretrained", "model.grad_checkpointing", "model.teacher.bf16", "data.train",
     "data.val", "data.backend", "data.num_classes",  # a classifier's class count is guarded as its head's size
     "data.num_workers", "data.prefetch", "data.ffcv_os_cache", "data.ffcv_order", "data.dali_hw_decoder_load",
-    "data.on_bad_image",
+    "data.on_bad_image", "train.knn_", "data.knn_",
 )
 
 

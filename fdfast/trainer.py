@@ -269,7 +269,7 @@ class Trainer:
             # SLURM and Kubernetes send SIGKILL a grace period after SIGTERM: a full validation pass may
             # outlast it, so a stop abandons the pass (redone on resume) instead of waiting for its end
             try:
-                self._evaluate(lambda batch: batch % signal_every == 0 and any_rank(stop.requested))
+                progress.show_eval(self._evaluate(lambda batch: batch % signal_every == 0 and any_rank(stop.requested)))
             except EvaluationStopped:
                 stop_and_save(f"during the evaluation at step {self.step} (it is redone on resume)")
 
@@ -349,9 +349,9 @@ class Trainer:
         """At an epoch end that the eval cadence asks for, or at the last step."""
         if self.step == self.last_step:
             return True
-        return self.step % self.steps_per_epoch == 0 and (self.step // self.steps_per_epoch) % self.cfg.train.eval_every == 0
+        return self.step % self.steps_per_epoch == 0 and (self.step // self.steps_per_epoch) % self.task.eval_every == 0
 
-    def _evaluate(self, should_stop: Optional[StopCheck] = None) -> None:
+    def _evaluate(self, should_stop: Optional[StopCheck] = None) -> dict:
         ep = math.ceil(self.step / self.steps_per_epoch)
         res = self.task.evaluate(should_stop)
         res.update(step=self.step, epoch=ep, kind="eval")
@@ -366,6 +366,7 @@ class Trainer:
         self.tracker.log(res)
         if self.info.is_main:
             log(f"eval epoch {ep}: " + ", ".join(f"{k}={v:.4f}" for k, v in res.items() if isinstance(v, float)))
+        return res
 
 
 def train(cfg: FDConfig, info: Optional[DistInfo] = None, on_end: Optional[Callable[[Task], None]] = None, *,

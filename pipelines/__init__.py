@@ -27,10 +27,11 @@ BACKENDS = {
 
 
 def build_loader(data_cfg: DataConfig, *, train: bool, batch_size: int, img_size: int, device: torch.device,
-                 rank: int = 0, world_size: int = 1, seed: int = 0) -> Loader:
-    """The loader of ``data_cfg.backend`` for one split (``train``) on this rank."""
+                 rank: int = 0, world_size: int = 1, seed: int = 0, split: str = "", per_class: int = 0) -> Loader:
+    """The loader of ``data_cfg.backend`` for one split (``train``) on this rank; ``split`` names another data
+    field to read (e.g. ``knn_train``, in eval mode) and ``per_class`` caps its images per class."""
     request = LoaderRequest(train=train, batch_size=batch_size, img_size=img_size, device=device, rank=rank,
-                            world_size=world_size, seed=seed)
+                            world_size=world_size, seed=seed, split=split, per_class=per_class)
     return BACKENDS[data_cfg.backend](data_cfg, request)
 
 

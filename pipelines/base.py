@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -33,7 +33,7 @@ from fdfast.errors import MissingDependency, UserError
 from fdfast.logging import log
 
 __all__ = ["CROP_RATIO", "BadImages", "CountedLoader", "DataError", "Loader", "LoaderRequest", "MissingDependency",
-           "check_batch", "empty_batch", "pad_eval_batch"]
+           "check_batch", "empty_batch", "keep_per_class", "pad_eval_batch"]
 
 # Distillation / fine-tune RandomResizedCrop ranges (torchvision defaults, used by FD).
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -54,6 +54,8 @@ class LoaderRequest:
     rank: int = 0
     world_size: int = 1
     seed: int = 0
+    split: str = ""           # the data field read ("knn_train"); "" = data.train or data.val as `train` says
+    per_class: int = 0        # at most this many images of each class (keep_per_class); 0 = all
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
@@ -63,11 +65,15 @@ class LoaderRequest:
     @property
     def key(self) -> str:
         """The config key naming this split's data."""
-        return "data.train" if self.train else "data.val"
+        return f"data.{self.split or ('train' if self.train else 'val')}"
 
     def source(self, data: DataConfig) -> str:
         """This split's ImageFolder or ``.beton`` path."""
-        return data.train if self.train else data.val
+        return getattr(data, self.key[len("data."):])
+
+    def subset(self, labels: Sequence[int]) -> Optional[list[int]]:
+        """The indices of the samples to read, given every sample's label (None: all of them)."""
+        return keep_per_class(labels, self.per_class) if self.per_class else None
 
     def no_full_batch(self, what: str, n: int) -> DataError:
         return DataError(f"{self.key}={what!r}: {n} images give no full batch of {self.batch_size} on each of "
@@ -91,6 +97,19 @@ class Loader(Protocol):
     def skipped_images(self) -> int:
         """Undecodable files this loader dropped so far (``data.on_bad_image=skip``)."""
         ...
+
+
+def keep_per_class(labels: Sequence[int], per_class: int) -> list[int]:
+    """Sorted indices of at most ``per_class`` samples of each class, evenly spread over that class's samples in
+    their listed order: a choice made from the labels alone, the same on every rank, in every run and command."""
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(int(y), []).append(i)
+    keep = []
+    for members in by_class.values():
+        n, m = len(members), min(per_class, len(members))
+        keep += [members[j * n // m] for j in range(m)]
+    return sorted(keep)
 
 
 def usable_cores() -> int:

@@ -144,6 +144,9 @@ class DALILoader(CountedLoader):
         path = request.source(data)
         listing = list_image_folder(path, request.key)
         self.root, self.classes, self.samples = listing.root, listing.classes, listing.samples
+        keep = request.subset([y for _, y in self.samples])
+        if keep is not None:
+            self.samples = [self.samples[i] for i in keep]
         self.bad_images = BadImages(data.on_bad_image, path, request.key)
         broken = [p for p, _ in self.samples if "\n" in p]
         if broken:

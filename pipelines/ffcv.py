@@ -171,14 +171,17 @@ class FFCVLoader(CountedLoader):
         label_ops = [decoders.IntDecoder(), transforms.ToTensor(), transforms.Squeeze(1),
                      transforms.ToDevice(request.device, non_blocking=True)]
 
-        self._num_samples = n_total = self._check_file(path, key)
+        reader = self._check_file(path, key)
+        keep = request.subset(reader.metadata[f"f{reader.field_names.index('label')}"])
+        pool = np.arange(reader.num_samples, dtype=np.uint64) if keep is None else np.array(keep, dtype=np.uint64)
+        self._num_samples = n_total = len(pool)
         OrderOption = loader_mod.OrderOption
         if request.train:
             order = OrderOption.QUASI_RANDOM if data.ffcv_order == "quasi_random" else OrderOption.RANDOM
-            indices = None
+            indices = None if keep is None else pool
         else:
             order = OrderOption.SEQUENTIAL
-            indices = np.arange(request.rank, n_total, request.world_size, dtype=np.uint64)
+            indices = pool[request.rank::request.world_size]
             if len(indices) == 0:
                 raise DataError(f"{key}='{path}' has {n_total} samples, fewer than the {request.world_size} ranks")
 
@@ -210,8 +213,8 @@ class FFCVLoader(CountedLoader):
                                f"group says {dist.get_rank()}/{dist.get_world_size()}")
 
     @staticmethod
-    def _check_file(path: Path, key: str) -> int:
-        """Number of samples, after checking the file is a whole FFCV file with fdfast-convert's fields."""
+    def _check_file(path: Path, key: str):
+        """The file's FFCV ``Reader``, after checking it is a whole FFCV file with fdfast-convert's fields."""
         from ffcv.reader import Reader
 
         rebuild = f"rebuild it with fdfast-convert IMAGE_FOLDER {path}"
@@ -229,7 +232,7 @@ class FFCVLoader(CountedLoader):
         if end > path.stat().st_size:    # reading past the end of a memory-mapped file is a SIGBUS, not an error
             raise DataError(f"{key}='{path}' is truncated ({path.stat().st_size} bytes, its samples reach byte "
                             f"{end}); {rebuild}")
-        return int(reader.num_samples)
+        return reader
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Sample indices this rank reads in ``epoch`` (before the drop-last cut), from (seed, epoch)."""

@@ -151,6 +151,9 @@ class _ShardedFolderLoader:
         path = request.source(data)
         self.listing = list_image_folder(path, request.key)
         self.samples = self.listing.samples
+        keep = request.subset([y for _, y in self.samples])
+        if keep is not None:
+            self.samples = [self.samples[i] for i in keep]
         self.bad_images = BadImages(data.on_bad_image, path, request.key)
         self.sampler = _ShardSampler(len(self.samples), request)
         if request.train and self.sampler.per_rank == 0:

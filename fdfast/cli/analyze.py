@@ -10,13 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-import yaml
-
 from ..analyze import AnalyzeOptions, analyze
-from ..interop.sources import TeacherSpec
 from ..errors import UserError
-from ..models.teachers import TEACHER_KINDS
 from .common import exit_code
+from .teacher_options import add_teacher_options, teacher_spec
 
 PROG = "fdfast-analyze"
 
@@ -37,15 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default=None, help="comma-separated layers whose averaged maps are drawn "
                                                    "(default: first, middle, last)")
     p.add_argument("--radius", type=int, default=1, help="locality neighbourhood in patches (default 1: 3x3)")
-    t = p.add_argument_group("teacher (a release file, as model.teacher of a config)")
-    t.add_argument("--teacher", help="teacher weights file or 'random'; also the FD-loss partner of distilled "
-                                     "students (default: a run's own model.teacher)")
-    t.add_argument("--teacher-kind", choices=TEACHER_KINDS, default="clip")
-    t.add_argument("--teacher-model", default=TeacherSpec.model, help="timm architecture of the teacher")
-    t.add_argument("--teacher-kwargs", default=None, help="YAML/JSON mapping of extra timm arguments, "
-                                                          "e.g. '{window_size: 14}' for EsViT")
-    t.add_argument("--teacher-img-size", type=int, default=None, help="teacher input size (default 224)")
-    t.add_argument("--no-teacher", action="store_true", help="do not rebuild the runs' own teachers")
+    add_teacher_options(p)
     land = p.add_argument_group("loss landscape")
     land.add_argument("--no-landscape", action="store_true")
     land.add_argument("--landscape-images", type=int, default=None, help="default: min(32, --num-images)")
@@ -71,13 +60,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _options(a: argparse.Namespace) -> AnalyzeOptions:
-    teacher = None
-    if a.teacher:
-        kwargs = yaml.safe_load(a.teacher_kwargs) if a.teacher_kwargs else None
-        if kwargs is not None and not isinstance(kwargs, dict):
-            raise UserError(f"--teacher-kwargs {a.teacher_kwargs!r} is not a mapping, e.g. '{{window_size: 14}}'")
-        teacher = TeacherSpec(weights=a.teacher, kind=a.teacher_kind, model=a.teacher_model, model_kwargs=kwargs,
-                              img_size=a.teacher_img_size)
     try:
         layers = [int(v) for v in a.layers.split(",")] if a.layers else None
     except ValueError:
@@ -85,7 +67,7 @@ def _options(a: argparse.Namespace) -> AnalyzeOptions:
     return AnalyzeOptions(
         models=a.models, out=a.out, data=None if a.synthetic else a.data, num_images=a.num_images,
         batch_size=a.batch_size, img_size=a.img_size, device=a.device, layers=layers, radius=a.radius,
-        teacher=teacher, with_teacher=not a.no_teacher, landscape=not a.no_landscape,
+        teacher=teacher_spec(a), with_teacher=not a.no_teacher, landscape=not a.no_landscape,
         landscape_images=a.landscape_images or min(32, a.num_images), grid=a.grid, line_points=a.line_points,
         span=a.span, seed=a.seed, num_workers=a.num_workers, trust_pickle=a.trust_pickle, progress=not a.quiet,
         teacher_landscape=a.teacher_landscape, bootstrap=a.bootstrap, min_effect=a.min_effect, autoscale=a.autoscale)

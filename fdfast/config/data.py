@@ -25,6 +25,10 @@ class DataConfig:
     """Training set: ImageFolder directory (torchvision, dali, nvjpeg) or .beton file (ffcv)."""
     val: str = ""
     """Validation set, same kinds as `train`; empty = no evaluation."""
+    knn_train: str = ""
+    """Labelled images whose features the k-NN monitor (train.knn_every) searches, same kinds as `train`."""
+    knn_train_per_class: int = 0
+    """At most this many images per class of knn_train (evenly spread over each class's files); 0 = all."""
     num_classes: Optional[int] = None
     """Number of classes (fine-tune head, synthetic labels); null = read from data.train (its class folders,
     or the labels of its .beton) when a fine-tune / probe starts; synthetic: model.student.num_classes, else
@@ -69,13 +73,15 @@ class DataConfig:
         need(self.num_workers >= 0,
              f"data.num_workers must be >= 0 (0 = load in the main process), got {self.num_workers}")
         need(self.prefetch >= 1, f"data.prefetch must be >= 1, got {self.prefetch}")
+        need(self.knn_train_per_class >= 0,
+             f"data.knn_train_per_class must be >= 0 (0 = every image), got {self.knn_train_per_class}")
         need(0 <= self.dali_hw_decoder_load <= 1,
              f"data.dali_hw_decoder_load must be in [0, 1], got {self.dali_hw_decoder_load}")
         if self.backend != "synthetic":
             need(bool(self.train), f"data.backend={self.backend!r} needs data.train (an ImageFolder dir or "
                  ".beton file)")
         if self.backend == "ffcv":
-            for key in ("train", "val"):
+            for key in ("train", "val", "knn_train"):
                 path = getattr(self, key)
                 need(not path or path.endswith(".beton"),
                      f"data.backend='ffcv' reads .beton files; data.{key}={path!r} is not one (build it with "

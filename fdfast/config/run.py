@@ -80,6 +80,15 @@ class TrainConfig:
     """Eval normalisation; 'clip' reproduces the official fine-tune eval (spec pitfall 1)."""
     probe_drop_path: bool = False
     """Linear probe: keep the backbone's drop path active, as the official code does."""
+    knn_every: int = 0
+    """Distillation: weighted k-NN accuracy of the student's features every N epochs and at the last step
+    (data.knn_train classifies data.val); 0 = off."""
+    knn_k: int = 20
+    """k-NN monitor: neighbours that vote (DINO: 20)."""
+    knn_temperature: float = 0.07
+    """k-NN monitor: a neighbour's vote is exp(cosine similarity / T) (DINO: 0.07)."""
+    knn_feature: Literal["cls", "mean"] = "cls"
+    """k-NN monitor: the final-norm CLS token, or the mean of the patch tokens (SwinV2 has no CLS)."""
 
     def __post_init__(self) -> None:
         need(self.batch_size > 0, f"train.batch_size must be > 0, got {self.batch_size}")
@@ -87,6 +96,10 @@ class TrainConfig:
         need(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
         need(self.max_steps is None or self.max_steps >= 1, "train.max_steps must be >= 1 or null")
         need(self.eval_every >= 1, f"train.eval_every must be >= 1, got {self.eval_every}")
+        need(self.knn_every >= 0, f"train.knn_every must be >= 0 (0 = no k-NN monitor), got {self.knn_every}")
+        need(self.knn_k >= 1, f"train.knn_k must be >= 1, got {self.knn_k}")
+        need(math.isfinite(self.knn_temperature) and self.knn_temperature > 0,
+             f"train.knn_temperature must be > 0, got {self.knn_temperature}")
         need(bool(self.output_dir.strip()), "train.output_dir is empty: name the folder for checkpoints and logs")
         need(self.resume is not None and self.resume != "", "train.resume is true, false or a checkpoint path")
 

@@ -70,3 +70,17 @@ class FDConfig:
         need(not (self.model.attention == "flex" and s.arch != "beit"),
              "model.attention='flex' applies to the Beit (ViT) student; SwinV2's cosine attention has no flex "
              "path: use model.attention=sdpa")
+        if tr.knn_every:
+            self._check_knn()
+
+    def _check_knn(self) -> None:
+        tr, d = self.train, self.data
+        need(tr.task == "distill", f"train.knn_every={tr.knn_every} monitors a distillation; train.task={tr.task!r} "
+             "measures top-1 on data.val every train.eval_every epochs: set train.knn_every=0")
+        need(d.backend != "synthetic", f"train.knn_every={tr.knn_every} needs labelled images, and "
+             "data.backend='synthetic' has none: use an ImageFolder or .beton backend, or train.knn_every=0")
+        missing = [f"data.{k}" for k in ("val", "knn_train") if not getattr(d, k)]
+        need(not missing, f"train.knn_every={tr.knn_every} needs data.val (the images classified) and "
+             f"data.knn_train (the labelled images searched): set {' and '.join(missing)}")
+        need(not (self.model.student.arch == "swinv2" and tr.knn_feature == "cls"),
+             "train.knn_feature='cls': a SwinV2 student has no CLS token; set train.knn_feature=mean")

@@ -7,7 +7,8 @@ loop (optimizer, schedule, accumulation, cadences, checkpoints). A task provides
 * ``train_model`` — what forward/backward runs through (the same module compiled and/or in DDP);
 * ``groups`` — optimizer parameter groups (``params``, ``names``, ``weight_decay``, ``lr_scale``);
 * ``loss(images, labels)`` — uint8 channels-last pixels and int64 labels -> scalar loss tensor;
-* ``evaluate()`` — a dict of metrics (``top1`` ...) when ``can_evaluate``;
+* ``evaluate()`` — a dict of metrics (``top1`` ..., or ``knn_top1`` ... for distillation) when
+  ``can_evaluate``, every ``eval_every`` epochs and at the last step;
 * ``state_dict()`` / ``load_state_dict()`` — the task's own bookkeeping (e.g. which pretrained file
   it started from), saved beside the model.
 """
@@ -25,6 +26,7 @@ class Task:
     model: nn.Module
     train_model: nn.Module
     groups: list[dict]
+    eval_every: int = 1
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -34,7 +36,7 @@ class Task:
         return False
 
     def evaluate(self, should_stop: Optional[StopCheck] = None) -> dict:
-        """Top-1 / top-5 / loss on data.val; ``should_stop`` may abandon the pass (see ``count_hits``)."""
+        """Metrics on data.val; ``should_stop`` may abandon the pass (see ``count_hits``)."""
         raise NotImplementedError(f"{type(self).__name__} has no evaluation")
 
     def state_dict(self) -> dict:

@@ -4,7 +4,8 @@
 non-affine LayerNorm; compiled and CUDA-graph captured when configured) and the student's projected
 tokens from the ImageNet-normalised pixels, compared with SmoothL1 (β = 2). Labels are unused. Only the
 student + projector (:class:`~fdfast.models.student.DistillModel`) trains and sits in DDP; the teacher
-stays outside, frozen, in eval mode.
+stays outside, frozen, in eval mode. With ``train.knn_every`` the task evaluates: the weighted k-NN accuracy of
+the student's features (``tasks/knn.py``).
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from ..objective import fd_loss, normalize
 from ..optim import param_groups
 from ..parallelize import apply_compile, prepare_model, wrap_for_training
 from .base import Task
+from .evaluation import StopCheck
+from .knn import KNNMonitor
 
 
 def build_target(teacher: Teacher, cfg: FDConfig, device: torch.device,
@@ -61,8 +64,18 @@ class DistillTask(Task):
         self.train_model = wrap_for_training(self.model, cfg, info, compile_backend)
         self.target = build_target(self.teacher, cfg, info.device, compile_backend)
         self.beta = cfg.model.loss_beta
+        self.knn = KNNMonitor(cfg, info) if cfg.train.knn_every else None
+        self.eval_every = cfg.train.knn_every or 1  # only read when the monitor is on
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         target = self.target(images)
         pred = self.train_model(normalize(images, IMAGENET_MEAN, IMAGENET_STD))
         return fd_loss(pred, target, self.beta)
+
+    @property
+    def can_evaluate(self) -> bool:
+        return self.knn is not None
+
+    def evaluate(self, should_stop: Optional[StopCheck] = None) -> dict:
+        """k-NN accuracy of the student's own features (the encoder's tokens, not the projector's)."""
+        return self.knn(self.model.encoder, should_stop)

@@ -81,6 +81,21 @@ def count_hits(forward: Callable[[torch.Tensor], torch.Tensor], batches, mean, s
     return sums
 
 
+def eval_mean_std(cfg: FDConfig) -> tuple:
+    """The evaluation normalisation of ``train.eval_norm``: ImageNet's, or CLIP's (the official eval transform,
+    spec pitfall 1)."""
+    return (CLIP_MEAN, CLIP_STD) if cfg.train.eval_norm == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def rng_untouched(device: torch.device):
+    """A context that gives the global RNG streams (CPU, and ``device``'s on CUDA) back as they were: an eval
+    pass must not move them (DataLoader iterators draw a seed from the global torch generator), or a run
+    resumed after an evaluation would diverge from one without."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
+
+
 class Evaluator:
     """Builds the eval loader once (failing at build time, not after the first epoch, when data.val is
     wrong); ``__call__`` evaluates ``model`` and calls ``restore_mode`` afterwards."""
@@ -96,10 +111,7 @@ class Evaluator:
         if classes is not None and len(classes) > num_classes:
             raise ConfigError(f"data.val={cfg.data.val!r} has {len(classes)} classes but "
                               f"model.student.num_classes={num_classes}")
-        if cfg.train.eval_norm == "clip":
-            self.mean, self.std = CLIP_MEAN, CLIP_STD  # the official eval transform (spec pitfall 1)
-        else:
-            self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+        self.mean, self.std = eval_mean_std(cfg)
         # The eager module by default. With compile.enabled: scope 'blocks' compiled the blocks in place, so
         # the plain module already runs them compiled; 'whole' gets a separately compiled view of the same
         # weights (the training one sits inside DDP). Either way batches keep one fixed size (the short
@@ -118,12 +130,8 @@ class Evaluator:
     def __call__(self, should_stop: Optional[StopCheck] = None) -> dict:
         dev = self.info.device
         self.model.eval()
-        # The eval pass must not move the training RNG streams (DataLoader iterators draw a seed from
-        # the global torch generator), or a run resumed after an eval would diverge from one without.
-        fork_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] \
-            if dev.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=fork_devices):
+            with rng_untouched(dev):
                 self.loader.set_epoch(0)
                 sums = count_hits(self.forward, self._batches(), self.mean, self.std, dev, should_stop)
         finally:

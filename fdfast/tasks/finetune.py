@@ -137,6 +137,7 @@ class FinetuneTask(Task):
         self.train_model = wrap_for_training(self.model, cfg, info)
         self.augment = BatchAugment(cfg, info.device)
         self.evaluator = Evaluator(self.model, cfg, info, self.set_train_mode) if cfg.data.val else None
+        self.eval_every = cfg.train.eval_every
         if info.is_main:
             self.describe()
 
