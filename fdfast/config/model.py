@@ -1,6 +1,7 @@
 """``model`` section: the student, the teacher, the objective and the weights a run starts from."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -66,25 +67,52 @@ class StudentConfig:
         return sum(self.stages)
 
     @property
+    def has_cls(self) -> bool:
+        """The distillation output starts with a CLS token (ViT), or is the last stage's grid only (Swin)."""
+        return self.arch == "beit"
+
+    @property
+    def grid(self) -> int:
+        """Side of the distillation output's patch grid."""
+        if self.arch == "beit":
+            return self.img_size // self.patch_size
+        return self.img_size // (self.patch_size * 2 ** (len(self.stages) - 1))
+
+    @property
     def num_tokens(self) -> int:
         """Tokens of the distillation output: patches + CLS (ViT) or the last stage's grid (Swin)."""
-        if self.arch == "beit":
-            return (self.img_size // self.patch_size) ** 2 + 1
-        return (self.img_size // (self.patch_size * 2 ** (len(self.stages) - 1))) ** 2
+        return self.grid ** 2 + int(self.has_cls)
 
 
 @dataclass(kw_only=True)
 class TeacherConfig:
-    kind: Literal["clip", "dino", "deit", "esvit"] = "clip"
-    """Which teacher: selects the release-file layout, the input normalisation and the token set."""
+    kind: Literal["clip", "dino", "deit", "esvit", "timm"] = "clip"
+    """FD's four release files (clip, dino, deit, esvit: their layout and normalisation), or 'timm': any timm
+    ViT-family model (VisionTransformer, Eva, Swin) from a timm/Hugging Face folder, a hub-cache folder, a
+    safetensors/.bin/.pth file or an original release timm's checkpoint_filter_fn converts."""
     model: str = "vit_base_patch16_clip_quickgelu_224"
-    """timm model name of the teacher architecture."""
+    """timm model name of the teacher architecture; for kind 'timm' with its pretrained tag
+    (e.g. 'vit_large_patch14_clip_224.openai'), which sets the normalisation."""
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra timm.create_model arguments (e.g. a tiny width for tests, window_size=14 for EsViT)."""
     weights: str = "random"
-    """Path to the original release file (CLIP .pt, DINO .pth, DeiT .pth, EsViT .pth), or 'random'."""
+    """The weights: a release file (CLIP .pt, DINO .pth, DeiT .pth, EsViT .pth); for kind 'timm' also a
+    folder (config.json + model.safetensors), a hub cache; or 'random'."""
     img_size: Optional[int] = None
-    """Teacher input size; None = student.img_size. CLIP L/14 uses 224 with a 256 px student."""
+    """Teacher input size; None = from model.teacher.grid (resize_input: the student's grid x the teacher's
+    patch, e.g. 196 px for a patch-14 teacher under a 224 px patch-16 student; resize_features: the student's
+    img_size)."""
+    mean: Optional[list[float]] = None
+    """Pixel mean of the teacher's normalisation; None = the kind's (CLIP / ImageNet), for kind 'timm' the
+    folder's config.json or the model's pretrained_cfg."""
+    std: Optional[list[float]] = None
+    """Pixel std of the teacher's normalisation; None as for mean."""
+    tokens: Literal["no_registers", "all", "patches"] = "no_registers"
+    """Target tokens: CLS (if the teacher has one) + patches, registers dropped; all (every output token);
+    patches (no CLS: the student's CLS token leaves the loss)."""
+    grid: Literal["resize_input", "resize_features"] = "resize_input"
+    """When the teacher's patch grid differs from the student's: resize the teacher's input so that they
+    match, or run it at img_size and resize its patch-token map to the student's grid (bilinear)."""
     fp16_weights: bool = False
     """Keep the teacher's weights in fp16 as the official CLIP loader does (CUDA only)."""
     bf16: bool = False
@@ -102,6 +130,11 @@ class TeacherConfig:
         need(self.weights != "", "model.teacher.weights is empty: give the release file's path, or 'random'")
         need(not (self.bf16 and self.fp16_weights),
              "model.teacher.bf16 and model.teacher.fp16_weights are two different teacher precisions: set one")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            need(value is None or (len(value) == 3 and all(math.isfinite(v) for v in value)),
+                 f"model.teacher.{key}={value} must be three finite numbers (R, G, B in [0, 1] units)")
+        need(self.std is None or min(self.std) > 0, f"model.teacher.std={self.std} must be > 0")
 
 
 @dataclass(kw_only=True)

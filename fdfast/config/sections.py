@@ -36,9 +36,10 @@ class FDConfig:
         if tr.task == "distill":
             need(s.num_classes == 0, "model.student.num_classes must be 0 for train.task='distill'")
             # the loss is index-aligned, so both token grids must match; checked again on the built models
+            # (kind timm: by the token rules of models/token_rules.py, which know the teacher's layout)
             need(not (s.arch == "beit" and t.kind == "esvit"),
                  "teacher kind 'esvit' (49 Swin tokens) needs model.student.arch='swinv2'")
-            need(not (s.arch == "swinv2" and t.kind != "esvit"),
+            need(not (s.arch == "swinv2" and t.kind not in ("esvit", "timm")),
                  f"student arch 'swinv2' has no CLS token; teacher kind {t.kind!r} needs model.student.arch='beit'")
             # the student starts from random init (spec); a path here would be silently unread
             need(not self.model.pretrained,

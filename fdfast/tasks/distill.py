@@ -13,9 +13,10 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from ..config import ConfigError, FDConfig
+from ..config import FDConfig
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..distributed import DistInfo
+from ..logging import log
 from ..models.attention import set_attention_kernel
 from ..models.student import DistillModel
 from ..models.target import GraphedTarget, TeacherTarget
@@ -49,13 +50,13 @@ class DistillTask(Task):
 
     def __init__(self, cfg: FDConfig, info: DistInfo, compile_backend: Optional[str] = None):
         s = cfg.model.student
-        self.teacher = build_teacher(cfg.model.teacher, s.img_size, trust_pickle=cfg.model.trust_pickle)
+        # the token rules (input size, target tokens, student tokens) are resolved against this student
+        self.teacher = build_teacher(cfg.model.teacher, s.img_size, trust_pickle=cfg.model.trust_pickle, student=s)
         self.teacher.to(info.device)
-        if self.teacher.num_tokens != s.num_tokens:
-            raise ConfigError(
-                f"student ({s.arch}, img {s.img_size}, patch {s.patch_size}) gives {s.num_tokens} tokens but the "
-                f"teacher {cfg.model.teacher.model!r} gives {self.teacher.num_tokens}; FD matches tokens index by "
-                "index, so change model.student.img_size/patch_size or model.teacher.img_size")
+        self.plan = self.teacher.plan
+        if info.is_main:
+            log(self.teacher.describe())
+            log(self.plan.describe())
         self.model = prepare_model(DistillModel(s, self.teacher.embed_dim), cfg, info)
         self.groups = param_groups(self.model, cfg.optim, s)
         self.train_model = wrap_for_training(self.model, cfg, info, compile_backend)
@@ -65,4 +66,4 @@ class DistillTask(Task):
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         target = self.target(images)
         pred = self.train_model(normalize(images, IMAGENET_MEAN, IMAGENET_STD))
-        return fd_loss(pred, target, self.beta)
+        return fd_loss(self.plan.student_tokens(pred), target, self.beta)
