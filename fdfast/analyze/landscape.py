@@ -97,8 +97,8 @@ def fd_loss_fn(student: nn.Module, arch: str, projector: nn.Module, teacher: nn.
         targets.append(target_fn(pixels))
         weights.append(images.shape[0])
 
-    def loss() -> float:
-        total = sum(w * float(fd_loss(projector(student_tokens(student, arch, x)), t, beta))
+    def loss() -> float:  # the target's plan picks the student tokens it faces (no CLS for a SigLIP teacher)
+        total = sum(w * float(fd_loss(target_fn.student_tokens(projector(student_tokens(student, arch, x))), t, beta))
                     for x, t, w in zip(inputs, targets, weights))
         return total / sum(weights)
     return loss

@@ -100,7 +100,8 @@ def run_teacher(cfg, *, trust_pickle: bool = False) -> Teacher:
     tcfg = dataclasses.replace(cfg.model.teacher, fp16_weights=False, bf16=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
-        return build_teacher(tcfg, cfg.model.student.img_size, trust_pickle=trust_pickle or cfg.model.trust_pickle)
+        return build_teacher(tcfg, cfg.model.student.img_size, trust_pickle=trust_pickle or cfg.model.trust_pickle,
+                             student=cfg.model.student)  # the run's token rules: input size, target tokens
 
 
 def _projector(sd: dict, teacher: Teacher, source: str) -> nn.Linear:
