@@ -23,6 +23,8 @@ import torch.nn as nn
 from safetensors.torch import save_file
 from timm.models._hub import save_for_hf
 
+from test_teachers import _randomize as randomize  # non-trivial values everywhere: layer scales of 1e-5 hide blocks
+
 TINY = dict(embed_dim=32, depth=2, num_heads=2)
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -36,17 +38,6 @@ SOURCES = {
     "clip_l14": ("vit_large_patch14_clip_224", 7),
     "pe_core": ("vit_pe_core_base_patch16_224", 8),
 }
-
-
-def randomize(module: nn.Module, seed: int) -> None:
-    """Non-trivial values everywhere (layer scales of 1e-5 would hide whole blocks)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim == 1 and name.endswith("weight"):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
 
 
 def tiny_source(key: str, seed: int = 0, grid: int = 4) -> tuple[str, nn.Module, int]:

@@ -2,6 +2,8 @@
 
     fdfast-analyze runs/demo --data runs/demo/images/val --out runs/demo/analysis
     fdfast-analyze fd_clip_b16.pth --teacher ViT-B-16.pt --teacher-kind clip --data imagenet/val --out fd_vs_clip
+    fdfast-analyze --teacher dinov2_vitb14_reg4_pretrain.pth --teacher-kind timm \
+        --teacher-model vit_base_patch14_reg4_dinov2.lvd142m --data imagenet/val --out dinov2
 
 Exit codes: 0 done; 2 a user-fixable error (a model, a file, an option: one line, no traceback); 130 interrupted.
 """
@@ -36,11 +38,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default=None, help="comma-separated layers whose averaged maps are drawn "
                                                    "(default: first, middle, last)")
     p.add_argument("--radius", type=int, default=1, help="locality neighbourhood in patches (default 1: 3x3)")
-    t = p.add_argument_group("teacher (a release file, as model.teacher of a config)")
-    t.add_argument("--teacher", help="teacher weights file or 'random'; also the FD-loss partner of distilled "
-                                     "students (default: a run's own model.teacher)")
-    t.add_argument("--teacher-kind", choices=TEACHER_KINDS, default="clip")
-    t.add_argument("--teacher-model", default=TeacherSpec.model, help="timm architecture of the teacher")
+    t = p.add_argument_group("teacher (a file or folder, as model.teacher of a config)")
+    t.add_argument("--teacher", help="teacher weights file (kind timm: also a timm / OpenCLIP folder or a hub cache) "
+                                     "or 'random'; also the FD-loss partner of distilled students (default: a "
+                                     "run's own model.teacher)")
+    t.add_argument("--teacher-kind", choices=TEACHER_KINDS, default="clip",
+                   help="FD's release files (clip, dino, deit, esvit) or any timm ViT-family model (timm)")
+    t.add_argument("--teacher-model", default=TeacherSpec.model,
+                   help="timm architecture of the teacher, with its pretrained tag for kind timm "
+                        "(e.g. vit_base_patch14_reg4_dinov2.lvd142m)")
     t.add_argument("--teacher-kwargs", default=None, help="YAML/JSON mapping of extra timm arguments, "
                                                           "e.g. '{window_size: 14}' for EsViT")
     t.add_argument("--teacher-img-size", type=int, default=None, help="teacher input size (default 224)")
