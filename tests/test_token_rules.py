@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from fdfast.config import ConfigError
 from fdfast.constants import IMAGENET_MEAN, IMAGENET_STD
 from fdfast.distributed import DistInfo
+from fdfast.models.families import TokenLayout
+from fdfast.models.token_rules import default_plan
 from fdfast.tasks import DistillTask
 
 TINY = {"embed_dim": 24, "depth": 1, "num_heads": 2}
@@ -146,3 +148,14 @@ def test_the_resolved_rule_is_logged(tiny_cfg, capsys):
     out = capsys.readouterr().out
     assert "teacher input 28 px, target CLS + 4x4 patch tokens (4 registers dropped)" in out
     assert "normalisation mean [0.485, 0.456, 0.406]" in out and "timm's pretrained_cfg" in out
+
+
+def test_a_plan_made_without_the_student_drops_only_a_cls_the_target_lacks():
+    """Analysis pairs a teacher file with any student: the plan then knows the teacher only."""
+    swin = default_plan(TokenLayout(num_cls=0, num_registers=0, grid=(7, 7), stride=32), 224)
+    siglip = default_plan(TokenLayout(num_cls=0, num_registers=0, grid=(14, 14), stride=16), 224)
+    clip = default_plan(TokenLayout(num_cls=1, num_registers=0, grid=(14, 14), stride=16), 224)
+    swin_student, vit_student = torch.randn(2, 49, 8), torch.randn(2, 197, 8)
+    assert torch.equal(swin.student_tokens(swin_student), swin_student)  # SwinV2 under EsViT: every token
+    assert torch.equal(siglip.student_tokens(vit_student), vit_student[:, 1:])  # ViT under SigLIP: no CLS
+    assert torch.equal(clip.student_tokens(vit_student), vit_student)

@@ -142,7 +142,11 @@ def _with_config(file: Path, how: str) -> WeightsLocation:
         pre = _read_json(folder / "open_clip_config.json").get("preprocess_cfg") or {}
         return WeightsLocation(file, how.replace("timm", "OpenCLIP"), {}, _triple(pre.get("mean")),
                                _triple(pre.get("std")))
-    return WeightsLocation(file, how)
+    return _single(file)
+
+
+def _single(file: Path) -> WeightsLocation:
+    return WeightsLocation(file, "safetensors file" if file.suffix == ".safetensors" else "PyTorch file")
 
 
 def _triple(value) -> Optional[tuple]:
@@ -153,9 +157,7 @@ def locate_weights(weights: str, model_name: str) -> WeightsLocation:
     """Resolve ``model.teacher.weights`` to the tensor file and its folder's metadata."""
     path = Path(os.path.expanduser(weights))
     if path.is_file():
-        if path.name in FOLDER_WEIGHTS:
-            return _with_config(path, "timm folder")
-        return WeightsLocation(path, "safetensors file" if path.suffix == ".safetensors" else "PyTorch file")
+        return _with_config(path, "timm folder") if path.name in FOLDER_WEIGHTS else _single(path)
     if not path.is_dir():
         raise TeacherLoadError(f"teacher weights not found: {path} (config key {_KEY}; point it at {_EXPECTED}, "
                                "or set it to 'random' for an untrained teacher)")

@@ -84,8 +84,12 @@ class TargetPlan:
         return torch.cat([*prefix, patches], dim=1) if prefix else patches
 
     def student_tokens(self, pred: torch.Tensor) -> torch.Tensor:
-        """The student's (projected) tokens that face the target: all of them, or all but its CLS."""
-        return pred[:, 1:] if self.drop_student_cls else pred
+        """The student's (projected) tokens that face the target: all of them, or all but its CLS. The CLS is
+        dropped only when the student has exactly one token more than the target, so a plan made without the
+        student (analysis of a teacher file against any student) leaves a SwinV2 student's grid whole."""
+        if self.drop_student_cls and pred.shape[1] == self.num_tokens + 1:
+            return pred[:, 1:]
+        return pred
 
     def describe(self) -> str:
         lay = self.layout
