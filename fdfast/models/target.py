@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..objective import pixel_constants, whiten
+from .phi_s import PhiS
 from .token_rules import TargetPlan
 
 
@@ -36,14 +37,17 @@ class TeacherTarget(nn.Module):
     256 px student, a patch-14 teacher at 196 under a 224 px patch-16 student); the frozen teacher; its
     :class:`~.token_rules.TargetPlan` (``plan``, default: the teacher's own, see :class:`~.teachers.Teacher`),
     which picks the target tokens (registers dropped, the patch map resized to the student's grid ...); and
-    FD's whitening. :meth:`student_tokens` picks the student tokens that face this target.
+    FD's whitening, or ``phi_s`` (:class:`~.phi_s.PhiS`, one teacher of several). :meth:`student_tokens` picks
+    the student tokens that face this target.
     """
 
-    def __init__(self, teacher: nn.Module, eps: float = 1e-5, plan: Optional[TargetPlan] = None):
+    def __init__(self, teacher: nn.Module, eps: float = 1e-5, plan: Optional[TargetPlan] = None, *,
+                 phi_s: Optional[PhiS] = None):
         super().__init__()
         self.teacher = teacher
         self.eps = float(eps)
         self.plan: TargetPlan = plan or teacher.plan
+        self.phi_s = phi_s  # PHI-S instead of FD's whitening (several teachers, ``whiten: phi_s``)
         self.img_size = int(self.plan.input_size)
         # Buffers (not Python lists) so that they follow .to(), exist before a CUDA-graph capture and
         # are graph inputs, not host->device copies, when compiled.
@@ -66,13 +70,19 @@ class TeacherTarget(nn.Module):
         return self.plan.student_tokens(pred)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The target's teacher tokens before the whitening (what PHI-S is estimated from)."""
         x = (images.float() - self.pix_mean) / self.pix_std
         size = self.img_size
         if x.shape[-1] != size or x.shape[-2] != size:
             # official: torchvision 0.13 Resize((224, 224)) on a tensor = bilinear, no antialias
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
-        return whiten(self.plan.select(self.teacher(x)), self.eps)
+        return self.plan.select(self.teacher(x))
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.features(images)
+        return self.phi_s(tokens) if self.phi_s is not None else whiten(tokens, self.eps)
 
 
 def _autocast_key(device_type: str) -> tuple:
