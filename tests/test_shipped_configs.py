@@ -34,15 +34,17 @@ def _student(cfg):
 
 
 def _teacher(cfg):
-    t = cfg.model.teacher
-    with torch.device("meta"):  # the configured teacher's patch size, halved below with the student's
-        probe = timm.create_model(t.model, pretrained=False, num_classes=0, **t.model_kwargs)
-    patch = int(probe.patch_embed.patch_size[0])
-    if t.kind == "esvit":
-        kwargs = "{patch_size: 2, embed_dim: 16, depths: [1, 1], num_heads: [1, 2], window_size: 4}"
-    else:
-        kwargs = f"{{patch_size: {patch // 2}, embed_dim: 32, depth: 1, num_heads: 2}}"
-    return ["model.teacher.weights=random", "model.teacher.img_size=null", f"model.teacher.model_kwargs={kwargs}"]
+    out = []
+    for t in cfg.model.teacher_configs:  # model.teacher, or each entry of model.teachers (by name)
+        with torch.device("meta"):  # the configured teacher's patch size, halved below with the student's
+            probe = timm.create_model(t.model, pretrained=False, num_classes=0, **t.model_kwargs)
+        patch = int(probe.patch_embed.patch_size[0])
+        if t.kind == "esvit":
+            kwargs = "{patch_size: 2, embed_dim: 16, depths: [1, 1], num_heads: [1, 2], window_size: 4}"
+        else:
+            kwargs = f"{{patch_size: {patch // 2}, embed_dim: 32, depth: 1, num_heads: 2}}"
+        out += [f"{t.key}.weights=random", f"{t.key}.img_size=null", f"{t.key}.model_kwargs={kwargs}"]
+    return out
 
 
 COMMON = ["data.num_workers=0", "train.max_steps=2", "compile.enabled=false", "log.progress=none",
@@ -78,6 +80,10 @@ def test_distillation_config_runs_two_steps(runs, name):
     out, _ = runs(name)
     losses = _losses(out)
     assert len(losses) == 2 and all(0 < v < 10 for v in losses), losses
+    teachers = load_config(name).model.teachers
+    if teachers:  # several teachers: each one's loss beside the total
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert all(0 < r[f"loss_{t.name}"] < 10 for r in records if "loss" in r for t in teachers)
 
 
 @pytest.mark.parametrize("name", FINETUNE)

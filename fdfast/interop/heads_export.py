@@ -76,7 +76,7 @@ def export_heads(ckpt: FdfastCheckpoint, cfg: FDConfig, backbone: Path) -> Path:
         raise CheckpointReadError(f"{ckpt.path}: holds no projector and no heads to export (--with-heads)")
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     out = heads_path(backbone)
-    metadata = {"format": "pt", "producer": "fdfast", META_KEY: json.dumps(meta, sort_keys=True)}
+    metadata = {"format": "pt", "producer": "fdfast", META_KEY: json.dumps(meta)}  # in model.teachers order
     atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     log.info("wrote %s (heads: %s)", out, ", ".join(f"{n} ({m['head']} {m['in_dim']}->{m['out_dim']})"
                                                     for n, m in meta.items()))
