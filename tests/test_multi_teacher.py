@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import tiny_dict
@@ -17,7 +19,9 @@ from fdfast.cli import export as export_cli
 from fdfast.cli import train as train_cli
 from fdfast.config import ConfigError, config_from_dict, load_config
 from fdfast.distributed import DistInfo
+from fdfast.errors import UserError
 from fdfast.interop.heads_export import read_heads
+from fdfast.interop.sources import SourceError, load_subjects
 from fdfast.step import TrainStep
 from fdfast.tasks import DistillTask
 from fdfast.trainer import seed_all, train
@@ -205,7 +209,7 @@ def test_overrides_address_a_teacher_by_name_or_index():
 
 def test_a_teacher_that_cannot_be_built_is_named(tmp_path):
     cfg = _cfg(tmp_path, [SIGLIP, {**DINOV2, "weights": str(tmp_path / "missing.pth")}])
-    with pytest.raises(Exception) as e:
+    with pytest.raises(UserError) as e:
         DistillTask(cfg, DistInfo())
     assert str(e.value).startswith("model.teachers.dino: ") and "missing.pth" in str(e.value)
 
@@ -258,10 +262,8 @@ def test_export_writes_the_backbone_and_each_teachers_head(shipped_run, tmp_path
         assert meta["head"] == "mlp" and meta["whiten"] == "phi_s" and meta["teacher"]["model"].startswith("vit_")
         for k, v in module.state_dict().items():
             assert torch.equal(v, state["model"][f"heads.{name}.{k}"]), (name, k)
-    from safetensors.torch import load_file
     stored = load_file(str(heads_file))
     assert torch.equal(stored["dinov2.phi_s.transform"], state["extra"]["phi_s"]["dinov2"]["transform"])
-    import timm
     student = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True)
     assert all(torch.equal(v, state["model"][f"encoder.{k}"]) for k, v in student.state_dict().items()
                if f"encoder.{k}" in state["model"])
@@ -281,3 +283,11 @@ def test_single_teacher_export_with_heads_names_its_projector(tmp_path, tiny_cfg
     heads = read_heads(tmp_path / "x.heads.safetensors")
     (head, meta), = heads.values()
     assert list(heads) == ["teacher"] and isinstance(head, nn.Linear) and meta["teacher"]["kind"] == "clip"
+
+
+def test_analysing_a_run_of_several_teachers_names_them_instead_of_rebuilding_one(shipped_run):
+    with pytest.raises(SourceError) as e:
+        load_subjects([str(shipped_run)])
+    assert "2 teachers (siglip2, dinov2)" in str(e.value) and "--no-teacher" in str(e.value)
+    (student,) = load_subjects([str(shipped_run)], with_teacher=False)
+    assert student.role == "student" and student.projector is None
