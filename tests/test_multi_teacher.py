@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from _step_helpers import build_run, cuda_only, exact_fp32, max_weight_diff, uint8_batches
 from conftest import tiny_dict
 from fdfast.cli import export as export_cli
 from fdfast.cli import train as train_cli
@@ -291,3 +292,29 @@ def test_analysing_a_run_of_several_teachers_names_them_instead_of_rebuilding_on
     assert "2 teachers (siglip2, dinov2)" in str(e.value) and "--no-teacher" in str(e.value)
     (student,) = load_subjects([str(shipped_run)], with_teacher=False)
     assert student.role == "student" and student.projector is None
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_graphed_targets_of_two_teachers_equal_their_eager_targets(tmp_path):
+    """Each teacher replays its own CUDA graph (its own memory pool; no copy of its output, read by the loss and
+    backward before that graph replays again): two steps of two micro-batches, PHI-S included, give the losses
+    and weights of the eager targets."""
+    cuda = DistInfo(device=torch.device("cuda", 0))
+    batches = uint8_batches(6, device="cuda")
+
+    def run(graph):
+        cfg = _cfg(tmp_path, [{**SIGLIP, "whiten": "phi_s"}, {**DINOV2, "head": "mlp"}], model={"phi_s_batches": 2},
+                   train={"batch_size": 4, "precision": "fp32", "accum_steps": 2},
+                   compile={"enabled": False, "cuda_graph_teacher": graph})
+        r = build_run(cfg, cuda)
+        r.task.prepare(batches[:2])
+        return r, [r.step(batches[2 + 2 * i:4 + 2 * i]) for i in range(2)]
+    with exact_fp32():
+        eager, a = run(False)
+        graphed, b = run(True)
+    assert [getattr(s.target, "captures", None) for s in graphed.task.slots] == [1, 1]
+    for x, y in zip(a, b):
+        for k in ("loss", "loss_sig", "loss_dino"):
+            assert float(y[k]) == pytest.approx(float(x[k]), rel=1e-5), k
+    assert max_weight_diff(eager.task.model, graphed.task.model) < 1e-5
