@@ -10,18 +10,26 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from fdfast.config import FDConfig
+from fdfast.config import FDConfig, load_config
 from pipelines.base import LoaderRequest
 from pipelines.synthetic import SyntheticLoader
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "pretrain" / "fd_clip_vit_base_300ep.yaml"
 # --tiny: same code paths, models small enough for a CPU smoke test (17 tokens both sides).
-TINY_OVERRIDES = [
-    "model.student.img_size=32", "model.student.patch_size=8", "model.student.embed_dim=48",
-    "model.student.depth=2", "model.student.num_heads=2",
-    "model.teacher.model_kwargs={patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}",
-]
+TINY_STUDENT = ["model.student.img_size=32", "model.student.patch_size=8", "model.student.embed_dim=48",
+                "model.student.depth=2", "model.student.num_heads=2"]
+TINY_TEACHER_KWARGS = "{patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}"
+TINY_OVERRIDES = [*TINY_STUDENT, f"model.teacher.model_kwargs={TINY_TEACHER_KWARGS}"]
+
+
+def teacher_overrides(config: str, overrides: list[str], *, tiny: bool) -> list[str]:
+    """Random weights (and with ``tiny`` the tiny sizes) for the config's teacher, or for each entry of its
+    ``model.teachers`` (``model.teachers.<name>.weights=random``): no weights file on the benchmark's box."""
+    cfg = load_config(config, ["data.backend=synthetic", *overrides])
+    keys = [t.key for t in cfg.model.teacher_configs]
+    return [f"{k}.weights=random" for k in keys] + ([f"{k}.model_kwargs={TINY_TEACHER_KWARGS}" for k in keys]
+                                                    if tiny else [])
 
 
 @dataclasses.dataclass
@@ -35,6 +43,8 @@ class Built:
     precision: str
     notes: list[str]
     target: Any = None
+    task: Any = None
+    """The fdfast ``DistillTask`` of a fast step (its teachers, heads and targets), None for the baseline."""
 
 
 def switches(cfg: FDConfig) -> dict[str, Any]:

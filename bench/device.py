@@ -2,7 +2,7 @@
 """Every GPU check and benchmark of fdfast in one call, for a bare single-GPU box (run via bench/device.sh).
 
 The sections (``bench/device_plan.py``: env, step128, tests, profile, e2e, teacher, vitl14, swinv2b,
-loader, step256, autotune) run in that order, each a subprocess with its own time limit: a failure or
+dinov2b14, teachers2, loader, step256, autotune) run in that order, each a subprocess with its own time limit: a failure or
 timeout is recorded and the next section runs. ``DEVICE_BUDGET_S`` (default 470, counted from the start of
 ``device.sh``, wheel installation included) bounds the whole run; sections that no longer fit are skipped.
 ``DEVICE_SECTIONS=step128,e2e`` runs only the named sections (a rerun of what failed).

@@ -51,7 +51,9 @@ json.dump(info, open(sys.argv[1], "w"), indent=1)
 """
 
 CONFIGS = {"b16": "configs/pretrain/fd_clip_vit_base_300ep.yaml", "l14": "configs/pretrain/fd_clip_vit_large_300ep.yaml",
-           "swinv2b": "configs/pretrain/fd_esvit_swin_base_300ep.yaml"}
+           "swinv2b": "configs/pretrain/fd_esvit_swin_base_300ep.yaml",
+           "dinov2": "configs/pretrain/fd_dinov2_vitb14_reg4_vit_base.yaml",
+           "two": "configs/pretrain/fd_siglip2_dinov2_vit_base.yaml"}
 # dry run: a SwinV2 student and Swin teacher small enough for a CPU (64 px, 2x2 = 4 tokens both sides)
 TINY_SWIN = ["model.student.img_size=64", "model.student.embed_dim=16", "model.student.depth=[1, 1, 2, 1]",
              "model.student.num_heads=[1, 2, 2, 4]", "model.student.window_size=4",
@@ -112,6 +114,10 @@ def plan(py: str, out: Path, dry: bool) -> list[dict]:
                                         "compiled+graph+bf16"), "cap": 60},
         {"name": "vitl14", "cmd": step("vitl14", "l14", b1, ["fast"], *l14), "cap": 100},
         {"name": "swinv2b", "cmd": step("swinv2b", "swinv2b", b_swin, ["fast"], *swin), "cap": 100},
+        # any timm teacher: DINOv2-B/14 reg4 at 196 px (201 tokens, registers dropped) -> ViT-B/16, as shipped
+        {"name": "dinov2b14", "cmd": step("dinov2b14", "dinov2", b1, ["fast"], *tiny), "cap": 100},
+        # several teachers: SigLIP2-B/16 + DINOv2-B/14 reg4 -> ViT-B/16, two graphed targets, MLP heads, PHI-S
+        {"name": "teachers2", "cmd": step("teachers2", "two", b1, ["fast"], *tiny), "cap": 120},
         {"name": "loader", "cmd": mode("loader", "--mode", "loader", "--batch-size", b1, "--backends", E2E_BACKENDS,
                                        *data, timed=e2e_steps), "cap": 45},
         {"name": "step256", "cmd": step("step256", "b16", b2, ["fast"], "--baseline", *tiny), "cap": 90},

@@ -4,8 +4,8 @@
 ``summary``: gpu, step_img_s / official_img_s / x_official / mfu_measured (ViT-B/16 <- CLIP B/16, batch
 128, as shipped), teacher_img_s (compiled + CUDA-graph teacher target), teacher_bf16 (the same with
 ``model.teacher.bf16``: img/s and target fidelity), e2e and loader per backend (img/s, data-wait), the
-FlexAttention and per-block variants, ViT-L/14 and SwinV2-B steps, batch 256, the max-autotune variants
-with their compile time, the profile's ms/step per family, GPU tests and wheels.
+FlexAttention and per-block variants, ViT-L/14, SwinV2-B, DINOv2-B/14 and two-teacher (SigLIP2 + DINOv2) steps,
+batch 256, the max-autotune variants with their compile time, the profile's ms/step per family, GPU tests and wheels.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from bench.tables import Table, fmt
 
-STEP_SECTIONS = ("step128", "vitl14", "swinv2b", "step256", "autotune")
+STEP_SECTIONS = ("step128", "vitl14", "swinv2b", "dinov2b14", "teachers2", "step256", "autotune")
 
 
 def _load(path: Path) -> Optional[dict]:
@@ -89,6 +89,7 @@ def headline(merged: dict) -> dict[str, Any]:
         "loader": _loader_rows(merged.get("loader")),
         "variants_b16": {n: _step(s128, n) for n in ("fast", "flex", "flex-small", "blocks")},
         "vit_l14": _step(merged.get("vitl14")), "swinv2_b": _step(merged.get("swinv2b")),
+        "dinov2_b14": _step(merged.get("dinov2b14")), "two_teachers": _step(merged.get("teachers2")),
         "batch256": {"img_s": _get(_row(merged.get("step256"), "fast"), "img_per_s"),
                      "official_img_s": _get(_row(merged.get("step256"), "official"), "img_per_s")},
         "autotune": {n: _step(merged.get("autotune"), n) for n in ("fast-autotune", "flex-autotune")},

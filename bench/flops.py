@@ -18,13 +18,16 @@ ViT-B/16 student + CLIP ViT-B/16 teacher at 224 (N = 197): student fwd 35.13, st
 projector 0.70, teacher fwd 35.13 -> **140.97 GFLOP/img** (design.md: 141). The per-module counts equal
 ``torch.utils.flop_counter.FlopCounterMode`` on the eager models (tests/test_bench.py checks that).
 Swin stages are counted the same way per window (attention over M^2 tokens of each window) plus the
-patch-merging reductions.
+patch-merging reductions. Any timm ViT-family teacher (DINOv2 with registers, SigLIP without a CLS token,
+EVA-02's separate q/k/v and SwiGLU MLP, DINOv3, PE) is counted from its built blocks (:func:`transformer_count`),
+at the input size its token rules give it (DINOv2-B/14 under a 224 px B/16 student: 196 px, 201 tokens).
+Several teachers (:func:`distill_step_flops`): the student once, every teacher's forward and every head.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from math import prod
-from typing import Any
+from typing import Any, Sequence
 
 import torch.nn as nn
 
@@ -64,16 +67,37 @@ def vit_count(*, img_size: int, patch_size: int, embed_dim: int, depth: int, mlp
     return c
 
 
-def _vit_geometry(model: nn.Module) -> dict[str, int]:
+def _term(name: str) -> str:
+    """The term a block's linear layer counts under: q/k/v projections, the attention output, or the MLP."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("qkv", "q_proj", "k_proj", "v_proj", "q", "k", "v", "kv"):
+        return "qkv"
+    if name.startswith("attn.") and leaf == "proj":
+        return "attn_proj"
+    return "mlp"
+
+
+def transformer_count(model: nn.Module) -> Count:
+    """Any timm ViT-family backbone (VisionTransformer, Beit, Eva: CLS / registers / no prefix, fused or separate
+    q/k/v, GELU or SwiGLU MLPs) read from the built module: every ``nn.Linear`` of every block on all N tokens,
+    plus q k^T and attn v over the attention's inner width, plus the patch embedding. Position encodings (RoPE,
+    relative bias) and pooling heads outside the blocks (SigLIP's MAP head: ``forward_features`` never runs it)
+    add no matmul of the step."""
     pe = model.patch_embed
-    img = pe.img_size[0] if isinstance(pe.img_size, (tuple, list)) else pe.img_size
-    patch = pe.patch_size[0] if isinstance(pe.patch_size, (tuple, list)) else pe.patch_size
+    patches = prod(pe.grid_size)
     prefix = getattr(model, "num_prefix_tokens", None)
     if prefix is None:  # timm Beit: CLS token only
         prefix = 1 if getattr(model, "cls_token", None) is not None else 0
-    return dict(img_size=int(img), patch_size=int(patch), embed_dim=int(model.embed_dim), depth=len(model.blocks),
-                mlp_hidden=int(model.blocks[0].mlp.fc1.out_features), prefix_tokens=int(prefix),
-                in_chans=int(pe.proj.in_channels))
+    n = patches + int(prefix)
+    c = Count()
+    conv = pe.proj
+    c.add("patch_embed", 2 * patches * conv.in_channels * prod(conv.kernel_size) * conv.out_channels, input_grad=False)
+    for blk in model.blocks:
+        for name, m in blk.named_modules():
+            if isinstance(m, nn.Linear):
+                c.add(_term(name), 2 * n * m.in_features * m.out_features)
+        c.add("attn_matmuls", 2 * 2 * n * n * blk.attn.proj.in_features)
+    return c
 
 
 def swin_count(model: nn.Module) -> Count:
@@ -111,13 +135,22 @@ def swin_count(model: nn.Module) -> Count:
 
 
 def model_count(model: nn.Module) -> Count:
-    """Forward count of a timm ViT / Beit / Swin (v1, v2) backbone, or of an fdfast Teacher."""
+    """Forward count of a timm ViT / Beit / Eva / Swin (v1, v2) backbone, or of an fdfast Teacher."""
     model = getattr(model, "model", model)  # fdfast Teacher wraps the timm model
     if hasattr(model, "layers") and hasattr(model.layers[0], "blocks"):
         return swin_count(model)
     if hasattr(model, "blocks") and hasattr(model, "patch_embed"):
-        return vit_count(**_vit_geometry(model))
+        return transformer_count(model)
     raise TypeError(f"no FLOP formula for {type(model).__name__}")
+
+
+def head_count(head: nn.Module, tokens: int) -> Count:
+    """A projector head (FD's linear layer, an MLP adaptor) on every student token; its input needs a grad."""
+    c = Count()
+    for m in head.modules():
+        if isinstance(m, nn.Linear):
+            c.add("head", 2 * tokens * m.in_features * m.out_features)
+    return c
 
 
 def fd_step_flops(student: Count, teacher: Count, *, tokens: int, student_dim: int, teacher_dim: int) -> dict[str, Any]:
@@ -141,6 +174,26 @@ def fd_flops_from_models(student_backbone: nn.Module, teacher: nn.Module, tokens
     s = model_count(student_backbone)
     t = model_count(teacher)
     return fd_step_flops(s, t, tokens=tokens, student_dim=int(student_backbone.num_features), teacher_dim=teacher_dim)
+
+
+def distill_step_flops(student_backbone: nn.Module, tokens: int,
+                       teachers: Sequence[tuple[str, nn.Module, nn.Module]]) -> dict[str, Any]:
+    """FLOPs per image of one FD step with several teachers: the student fwd+bwd once, and per teacher
+    ``(name, teacher, head)`` its forward and its head's fwd+bwd on all ``tokens`` student tokens. The keys of
+    :func:`fd_step_flops` hold the sums (``projector_fwd_bwd``: every head); ``teachers`` the parts by name."""
+    s = model_count(student_backbone)
+    parts = {name: {"teacher_fwd": model_count(t).fwd, "head_fwd_bwd": head_count(h, tokens).fwd_bwd}
+             for name, t, h in teachers}
+    out: dict[str, Any] = {
+        "student_fwd": s.fwd, "student_fwd_bwd": s.fwd_bwd,
+        "projector_fwd_bwd": sum(p["head_fwd_bwd"] for p in parts.values()),
+        "teacher_fwd": sum(p["teacher_fwd"] for p in parts.values()),
+    }
+    out["total"] = out["student_fwd_bwd"] + out["projector_fwd_bwd"] + out["teacher_fwd"]
+    out["teachers"] = parts
+    out["method"] = ("analytic matmul count (2 FLOP/MAC): student fwd x3 (x2 for layers whose input needs no grad) "
+                     "+ every head x3 + every teacher fwd; see bench/flops.py")
+    return out
 
 
 def vit_pair_flops(img_size: int = 224, *, student=(16, 768, 12), teacher=(16, 768, 12),

@@ -13,7 +13,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.common import Built, parse_variant, switches, synthetic_batches
-from bench.flops import fd_flops_from_models, spec_peak_tflops
+from bench.flops import distill_step_flops, fd_flops_from_models, spec_peak_tflops
 from bench.official import build_official_step
 from bench.report import Recorder, record_failure
 from bench.tables import fmt, print_tables
@@ -30,9 +30,12 @@ from fdfast.trainer import build_training, seed_all
 
 
 def build_fast_step(cfg: FDConfig, info: DistInfo, *, backend: Optional[str] = None) -> Built:
-    """The fdfast step exactly as the trainer builds it; ``backend`` = compile backend for CPU checks."""
+    """The fdfast step exactly as the trainer builds it; ``backend`` = compile backend for CPU checks. PHI-S
+    teachers estimate their statistics from synthetic batches first, as a run does from its first batches."""
     seed_all(cfg.train.seed)
     task = DistillTask(cfg, info, compile_backend=backend)
+    if any(slot.phi_s is not None for slot in task.slots):
+        task.prepare(synthetic_batches(cfg, info.device, min(4, cfg.model.phi_s_batches), cfg.train.batch_size))
     optimizer, step, schedule = build_training(task, cfg, info, steps_per_epoch=1000)
     applied = apply_backend_settings(cfg.train, info.device)
 
@@ -43,13 +46,28 @@ def build_fast_step(cfg: FDConfig, info: DistInfo, *, backend: Optional[str] = N
     notes = [f"backend flags: {applied}"] if applied else []
     if optimizer.defaults.get("fused"):
         notes.append("fused AdamW")
-    return Built("fast", run_step, task.model, task.teacher, step.precision, notes, task.target)
+    if task.slots:
+        notes.append("teachers: " + ", ".join(f"{t.name} ({t.teacher.model_name}, {t.head} head, weight {t.weight:g})"
+                                              for t in task.slots))
+    targets = [slot.target for slot in task.slots] if task.slots else task.target
+    return Built("fast", run_step, task.model, task.teacher, step.precision, notes, targets, task)
 
 
 def step_flops(built: Built, cfg: FDConfig) -> dict[str, Any]:
     s = cfg.model.student
     tokens = (s.img_size // s.patch_size) ** 2 + 1 if s.arch == "beit" else built.teacher.num_tokens
+    slots = getattr(built.task, "slots", None)
+    if slots:  # several teachers: each one's forward and head (the heads run on every student token)
+        return distill_step_flops(built.model.encoder, s.num_tokens,
+                                  [(t.name, t.teacher, built.model.heads[t.name]) for t in slots])
     return fd_flops_from_models(built.model.encoder, built.teacher, tokens=tokens, teacher_dim=built.teacher.embed_dim)
+
+
+def graph_captures(target: Any) -> Optional[int]:
+    """CUDA graphs captured by a step's target(s) (None: no graphed target)."""
+    counts = [getattr(t, "captures", None) for t in (target if isinstance(target, list) else [target])]
+    counts = [c for c in counts if c is not None]
+    return sum(counts) if counts else None
 
 
 def measure_step(built: Built, batches: list, dev: torch.device, warmup: int, steps: int) -> dict[str, Any]:
@@ -97,7 +115,7 @@ def run_step_mode(args, info: DistInfo, rec: Recorder) -> None:
             achieved = flops["total"] * ips / 1e12
             result.update(t, ok=True, img_per_s=ips, img_per_s_per_rank=per_rank, img_per_s_total=sum(per_rank),
                           img_per_s_wall=bs / (t["wall_ms_per_step"] / 1e3), peak_mem_gib=peak_mem_gib(dev),
-                          graph_captures=getattr(built.target, "captures", None), tflops=achieved,
+                          graph_captures=graph_captures(built.target), tflops=achieved,
                           mfu_spec=achieved / peak_spec if peak_spec else None,
                           mfu_measured=achieved / peak_measured if peak_measured else None,
                           warnings=timing_warnings(name, t["step_ms"]))
@@ -175,6 +193,8 @@ def step_summary(rec: Recorder, info: DistInfo, dev: torch.device) -> None:
              f"teacher fwd {f.get('teacher_fwd', 0) / 1e9:.4g}",
              f"peak bf16 TFLOP/s: spec {fmt(pk.get('spec_bf16_dense'))}, measured matmul "
              f"{fmt(pk.get('measured_bf16_matmul'))}; device {env.get('gpu') or env.get('cpu')}, torch {env['torch']}"]
+    notes += [f"  {name}: teacher fwd {p['teacher_fwd'] / 1e9:.4g} G + head fwd+bwd {p['head_fwd_bwd'] / 1e9:.4g} G"
+              for name, p in (f.get("teachers") or {}).items()]
     notes += sorted({n for r in res for n in r.get("notes", [])})
     notes += [f"warning: {w}" for r in res for w in r.get("warnings", [])]
     print_tables([(f"FD step throughput ({per_device(dev)}; median over timed steps, [p10-p90])",

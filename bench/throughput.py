@@ -37,7 +37,7 @@ elif str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from bench.common import DEFAULT_CONFIG, TINY_OVERRIDES  # noqa: E402
+from bench.common import DEFAULT_CONFIG, TINY_STUDENT, teacher_overrides  # noqa: E402
 from bench.loaders import (LOADER_BACKENDS, generate_image_folder, make_beton, parse_backend,  # noqa: E402
                            run_e2e_mode, run_loader_mode)
 from bench.profiling import run_profile_mode  # noqa: E402
@@ -98,9 +98,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--variant {unknown}: teacher mode knows {list(TEACHER_VARIANTS)}")
     # random teacher weights; data.backend=synthetic needs no data.train (loader / e2e modes pick the
     # backend per run and pass the data path themselves)
-    ovs = ["model.teacher.weights=random", "data.backend=synthetic"]
+    # (each of model.teachers: model.teachers.<name>.weights=random, see bench/common.py)
+    ovs = [*teacher_overrides(args.config, args.overrides, tiny=args.tiny), "data.backend=synthetic"]
     if args.tiny:
-        ovs += TINY_OVERRIDES
+        ovs += TINY_STUDENT
         if args.batch_size is None:
             args.batch_size = 8
     if args.batch_size is not None:
@@ -141,7 +142,8 @@ def main(argv=None) -> dict:
     meta = {"env": environment(info.device, info.world_size), "mode": args.mode, "config": args.config,
             "overrides": args.overrides, "batch_size": cfg.train.batch_size, "steps": args.steps,
             "warmup": args.warmup, "data": args.data, "student": dataclasses.asdict(cfg.model.student),
-            "teacher": dataclasses.asdict(cfg.model.teacher)}
+            "teacher": dataclasses.asdict(cfg.model.teacher),
+            "teachers": [dataclasses.asdict(t) for t in cfg.model.teachers]}
     rec = Recorder(args.json, info.is_main, meta)
     if info.device.type != "cuda":
         # Random-init models on random pixels produce denormal floats (tiny gradients, Adam moments);

@@ -8,14 +8,15 @@ waits for the GPU (except GradScaler's inf check in the fp16 mode, which the off
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
 from .errors import ConfigError
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# a scalar loss, or {"loss": total, "loss_<name>": part, ...} (every key averaged over the micro-batches)
+LossFn = Callable[[torch.Tensor, torch.Tensor], Union[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -61,19 +62,23 @@ class TrainStep:
     def __call__(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         batches = list(batches)
         n = len(batches)
-        total = torch.zeros((), device=self.device)
+        totals: dict[str, torch.Tensor] = {}
         for i, (images, labels) in enumerate(batches):
             # DDP all-reduces gradients only on the last micro-batch of an accumulation window.
             no_sync = getattr(self.model, "no_sync", None)
             ctx = no_sync() if (no_sync is not None and i < n - 1) else contextlib.nullcontext()
             with ctx:
                 with autocast(self.precision, self.device):
-                    loss = self.loss_fn(images, labels)
-                scaled = loss / n
+                    out = self.loss_fn(images, labels)
+                parts = out if isinstance(out, dict) else {"loss": out}
+                scaled = parts["loss"] / n
                 if self.scaler is not None:
                     scaled = self.scaler.scale(scaled)
                 scaled.backward()
-            total += loss.detach()
+            for key, value in parts.items():  # the total and any "loss_<name>" parts, averaged alike
+                if key not in totals:
+                    totals[key] = torch.zeros((), device=self.device)
+                totals[key] += value.detach()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         # clip_grad_norm_ scales by min(1, max/norm) on the device: no host sync.
@@ -86,7 +91,7 @@ class TrainStep:
         else:
             self._step_unless(skipped)
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": total / n, "grad_norm": grad_norm, "skipped": skipped}
+        return {**{key: total / n for key, total in totals.items()}, "grad_norm": grad_norm, "skipped": skipped}
 
     def _step_unless(self, skipped: torch.Tensor) -> None:
         """The optimizer step, skipped when the gradient norm is NaN/Inf: one bad batch (or a loss spike)

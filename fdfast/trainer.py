@@ -243,6 +243,7 @@ class Trainer:
     def _fit(self, stop: StopRequest) -> dict[str, Any]:
         cfg, info, tr = self.cfg, self.info, self.cfg.train
         latest = self.resume()
+        self.task.prepare(self.loader)  # e.g. PHI-S statistics a fresh start estimates (a resume loaded them)
         self.write_config()
         self.tracker = Tracker(cfg.log, self.out, rank=info.rank, resume_step=self.step, config=to_dict(cfg))
         resumed_at = self.step
@@ -312,6 +313,7 @@ class Trainer:
                         now = time.perf_counter()
                         dt = now - window_t0
                         rec = {"step": self.step, "epoch": self.step / spe, "loss": float(loss),
+                               **{k: float(all_reduce_mean(v.clone())) for k, v in out_t.items() if k[:5] == "loss_"},
                                "grad_norm": float(out_t["grad_norm"]), "lr": lrs[-1], "lr_groups": list(lrs),
                                "img_per_s_per_device": window_steps * tr.batch_size * tr.accum_steps / dt,
                                "data_wait": data_wait / dt, "skipped_steps": int(skipped), "time": now - t_start,

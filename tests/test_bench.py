@@ -22,12 +22,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench import throughput
 from bench.device_summary import merge
-from bench.flops import model_count, spec_peak_tflops, vit_pair_flops
+from bench.flops import distill_step_flops, model_count, spec_peak_tflops, vit_pair_flops
 from bench.profiling import FAMILIES, classify, family_times, write_profile
 from bench.timing import stats, timing_warnings, wait_warning
-from fdfast.config import StudentConfig
+from conftest import tiny_dict
+from fdfast.config import StudentConfig, config_from_dict
+from fdfast.distributed import DistInfo
 from fdfast.models.attention import set_attention_kernel
 from fdfast.models.student import DistillModel
+from fdfast.tasks import DistillTask
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
@@ -370,3 +373,63 @@ def test_summary_holds_the_headline_numbers(tmp_path):
     assert s["variants_b16"]["flex"]["img_s"] is None and s["variants_b16"]["fast"]["compile_s"] == 27.0
     assert s["vit_l14"] == {"img_s": 400.0, "mfu_measured": 0.4, "peak_mem_gib": 60.0, "compile_s": None}
     assert s["swinv2_b"]["img_s"] is None  # the section did not run: unmeasured, not zero
+
+
+def test_several_teachers_step_count(tmp_path):
+    """Two tiny teachers (a SigLIP-like one without CLS, a DINOv2-like one with 4 registers at 28 px) and their
+    heads (linear, MLP) under a 17-token student: the count by hand, and torch's count of the real step."""
+    d = tiny_dict(tmp_path)
+    del d["model"]["teacher"]
+    d["model"]["teachers"] = [
+        {"name": "sig", "kind": "timm", "model": "vit_base_patch16_siglip_224",
+         "model_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}},
+        {"name": "dino", "kind": "timm", "model": "vit_base_patch14_reg4_dinov2", "head": "mlp",
+         "model_kwargs": {"patch_size": 7, "embed_dim": 48, "depth": 1, "num_heads": 2}}]
+    d["model"]["student"].update(drop_path=0.0)
+    task = DistillTask(config_from_dict(d), DistInfo())
+    heads = task.model.heads
+    f = distill_step_flops(task.model.encoder, 17, [(t.name, t.teacher, heads[t.name]) for t in task.slots])
+
+    def vit(n, patches, patch, dim, depth, hidden):  # forward matmuls of a ViT on n tokens
+        blocks = depth * (2 * n * dim * 3 * dim + 2 * n * dim * dim + 4 * n * n * dim + 4 * n * dim * hidden)
+        return 2 * patches * 3 * patch ** 2 * dim, blocks
+    embed, blocks = vit(17, 16, 8, 32, 2, 128)  # the student: CLS + 4x4 patches
+    sig, dino = sum(vit(16, 16, 8, 32, 1, 128)), sum(vit(21, 16, 7, 48, 1, 192))  # no CLS; CLS + 4 registers
+    sig_head, dino_head = 3 * 2 * 17 * 32 * 32, 3 * 2 * 17 * (32 * 48 + 48 * 48)  # fwd + input and weight grads
+    assert f["student_fwd_bwd"] == 3 * blocks + 2 * embed
+    assert f["teachers"] == {"sig": {"teacher_fwd": sig, "head_fwd_bwd": sig_head},
+                             "dino": {"teacher_fwd": dino, "head_fwd_bwd": dino_head}}
+    assert f["total"] == 3 * blocks + 2 * embed + sig + dino + sig_head + dino_head == 5_712_320
+    set_attention_kernel(task.model.encoder, "eager")
+    for t in task.slots:
+        for m in t.teacher.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = False
+    images = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    assert _flops(lambda: task.loss(images, None)["loss"].backward()) == f["total"]
+
+
+def test_step_mode_with_two_teachers_counts_both(tmp_path):
+    """The shipped two-teacher config in step mode (random tiny teachers by name, PHI-S estimated first); its
+    JSON is what device.sh's teachers2 section gives the summary."""
+    out = tmp_path / "teachers2.json"
+    data = throughput.main(["--mode", "step", *TINY, "--config",
+                            str(REPO / "configs" / "pretrain" / "fd_siglip2_dinov2_vit_base.yaml"),
+                            "--json", str(out)])
+    (r,) = data["results"]
+    assert r["ok"], r.get("traceback")
+    assert set(data["flops_per_img"]["teachers"]) == {"siglip2", "dinov2"}
+    assert [t["weights"] for t in data["teachers"]] == ["random", "random"]
+    s = merge(tmp_path, [{"name": "teachers2"}], dry=True, budget_s=470)["summary"]
+    assert s["two_teachers"]["img_s"] == r["img_per_s"] and s["dinov2_b14"]["img_s"] is None
+
+
+@pytest.mark.parametrize("name", ["eva02_base_patch16_clip_224", "vit_base_patch16_dinov3", "vit_pe_core_base_patch16_224"])
+def test_any_timm_teacher_is_counted_like_the_flop_counter(name):
+    """Eva teachers: separate q/k/v and SwiGLU (EVA-02), storage tokens (DINOv3), PE: counted from their blocks."""
+    teacher = timm.create_model(name, num_classes=0, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    for m in teacher.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    x = torch.randn(1, 3, 32, 32)
+    assert _flops(lambda: teacher.forward_features(x)) == model_count(teacher).fwd

@@ -27,12 +27,12 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.mark.slow
-def test_sigkill_at_random_moment_then_rerun_equals_uninterrupted(tmp_path):
-    settings = dict(data={"synthetic_size": 96}, train={"epochs": 2}, checkpoint={"every": 3}, log={"every": 1})
+def _kill_then_rerun(tmp_path, make_dict, steps):
+    """An uninterrupted run and one SIGKILLed up to three times at random moments then rerun to its end: their
+    final checkpoints (model + task state) and logged records; the rerun's output."""
     cfgs = {}
     for name in ("full", "killed"):
-        d = tiny_dict(tmp_path, **settings)
+        d = make_dict(tmp_path)
         d["train"]["output_dir"] = str(tmp_path / name)
         cfgs[name] = tmp_path / f"{name}.yaml"
         cfgs[name].write_text(yaml.safe_dump(d))
@@ -59,12 +59,46 @@ def test_sigkill_at_random_moment_then_rerun_equals_uninterrupted(tmp_path):
 
     def final(run):
         state, _ = ckpt.load_checkpoint(ckpt.find_latest(tmp_path / run))
-        losses = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-        return state, [(x["step"], x["loss"]) for x in losses]
+        records = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return state, records
 
     (a, la), (b, lb) = final("full"), final("killed")
-    assert a["step"] == b["step"] == 24
-    assert la == lb, "logged losses differ after kill + resume"
+    assert a["step"] == b["step"] == steps
+    assert [(x["step"], x["loss"]) for x in la] == [(x["step"], x["loss"]) for x in lb], \
+        "logged losses differ after kill + resume"
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert not list((tmp_path / "killed" / "checkpoints").glob(".tmp_*")), "stale temporary checkpoint left"
+    return a, b, la, lb, r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moment_then_rerun_equals_uninterrupted(tmp_path):
+    settings = dict(data={"synthetic_size": 96}, train={"epochs": 2}, checkpoint={"every": 3}, log={"every": 1})
+    _kill_then_rerun(tmp_path, lambda tmp: tiny_dict(tmp, **settings), steps=24)
+
+
+def _two_phi_s_teachers(tmp):
+    d = tiny_dict(tmp, data={"synthetic_size": 64}, train={"epochs": 2}, checkpoint={"every": 2}, log={"every": 1},
+                  model={"phi_s_batches": 3})
+    del d["model"]["teacher"]
+    d["model"]["teachers"] = [
+        {"name": "sig", "kind": "timm", "model": "vit_base_patch16_siglip_224", "weights": "random",
+         "model_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}, "whiten": "phi_s"},
+        {"name": "dino", "kind": "timm", "model": "vit_base_patch14_reg4_dinov2", "weights": "random", "weight": 0.5,
+         "model_kwargs": {"patch_size": 7, "embed_dim": 48, "depth": 1, "num_heads": 2}, "whiten": "phi_s",
+         "head": "mlp"}]
+    return d
+
+
+@pytest.mark.slow
+def test_two_teacher_phi_s_run_killed_and_rerun_equals_uninterrupted(tmp_path):
+    """Heads, PHI-S statistics and per-teacher losses come back bit-exactly; the rerun resumes them from its
+    checkpoint instead of estimating them again."""
+    a, b, la, lb, rerun = _kill_then_rerun(tmp_path, _two_phi_s_teachers, steps=16)
+    assert {k.split(".")[1] for k in a["model"] if k.startswith("heads.")} == {"sig", "dino"}
+    for name in ("sig", "dino"):
+        for k, v in a["extra"]["phi_s"][name].items():
+            assert torch.equal(v, b["extra"]["phi_s"][name][k]), (name, k)
+    assert [(x["loss_sig"], x["loss_dino"]) for x in la] == [(x["loss_sig"], x["loss_dino"]) for x in lb]
+    assert "resumed from" in rerun and "PHI-S from" not in rerun

@@ -3,7 +3,8 @@
 :func:`capture_attention` switches the model to explicit-softmax attention with
 :func:`fdfast.models.attention.set_attention_kernel` (``eager``) and hooks every attention module's
 ``attn_drop``: in the eager path of timm Beit (shared or per-block relative position bias), ViT (CLIP,
-DINO, DeiT teachers), Swin v1 (EsViT teacher) and SwinV2 (cosine attention, always eager), ``attn_drop``
+DINO, DeiT, DINOv2, SigLIP teachers), Eva (EVA-02, DINOv3, PE: RoPE on q / k first), Swin v1 (EsViT teacher)
+and SwinV2 (cosine attention, always eager), ``attn_drop``
 receives exactly the softmax output, bias and shifted-window mask included. The kernel the model had is
 restored afterwards, so training code paths are untouched.
 
@@ -21,7 +22,9 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 from timm.layers import Attention as VitAttention
+from timm.layers import AttentionRope
 from timm.models.beit import Attention as BeitAttention
+from timm.models.eva import EvaAttention
 from timm.models.swin_transformer import WindowAttention as SwinAttention
 from timm.models.swin_transformer_v2 import WindowAttention as SwinV2Attention
 
@@ -29,7 +32,9 @@ from ..errors import UserError
 from ..models.attention import FlexBeitAttention, set_attention_kernel
 from .metrics import LayerGeometry
 
-ATTENTION_TYPES = (BeitAttention, VitAttention, SwinAttention, SwinV2Attention)
+# Eva (EVA-02, DINOv3: EvaAttention; PE: AttentionRope) applies RoPE to q / k before the same eager softmax
+ATTENTION_TYPES = (BeitAttention, VitAttention, EvaAttention, AttentionRope, SwinAttention, SwinV2Attention)
+_TOKEN_ATTENTION = (BeitAttention, VitAttention, EvaAttention, AttentionRope)
 
 
 class UnsupportedModel(UserError, TypeError):
@@ -49,7 +54,7 @@ def attention_layers(model: nn.Module) -> list[tuple[nn.Module, LayerGeometry]]:
         patch = _pair(model.patch_embed.patch_size)
         prefix = int(getattr(model, "num_prefix_tokens", 1))
         for i, blk in enumerate(model.blocks):
-            if isinstance(getattr(blk, "attn", None), (BeitAttention, VitAttention)):
+            if isinstance(getattr(blk, "attn", None), _TOKEN_ATTENTION):
                 layers.append((blk.attn, LayerGeometry(f"blocks.{i}", grid, (float(patch[0]), float(patch[1])),
                                                        prefix=prefix)))
     elif hasattr(model, "layers") and hasattr(model, "patch_embed"):
@@ -65,7 +70,8 @@ def attention_layers(model: nn.Module) -> list[tuple[nn.Module, LayerGeometry]]:
     if not layers:
         raise UnsupportedModel(
             f"{type(model).__name__}: no attention layer this tool can read; supported are timm Beit, "
-            "VisionTransformer (CLIP / DINO / DeiT), SwinTransformer and SwinTransformerV2")
+            "VisionTransformer (CLIP / DINO / DeiT / DINOv2 / SigLIP), Eva (EVA-02 / DINOv3 / PE), SwinTransformer "
+            "and SwinTransformerV2")
     return layers
 
 

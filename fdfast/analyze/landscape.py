@@ -114,7 +114,8 @@ def fd_loss_fn(student: nn.Module, arch: str, projector: nn.Module, teacher: nn.
         targets.append(target_fn(pixels))
 
     def loss() -> torch.Tensor:
-        return torch.cat([_per_image_fd(projector(student_tokens(student, arch, x)), t, beta)
+        # the target's plan picks the student tokens it faces (no CLS for a SigLIP teacher)
+        return torch.cat([_per_image_fd(target_fn.student_tokens(projector(student_tokens(student, arch, x))), t, beta)
                           for x, t in zip(inputs, targets)])
     return loss
 

@@ -2,6 +2,8 @@
 
     fdfast-analyze runs/demo --data runs/demo/images/val --out runs/demo/analysis
     fdfast-analyze fd_clip_b16.pth --teacher ViT-B-16.pt --teacher-kind clip --data imagenet/val --out fd_vs_clip
+    fdfast-analyze --teacher dinov2_vitb14_reg4_pretrain.pth --teacher-kind timm \
+        --teacher-model vit_base_patch14_reg4_dinov2.lvd142m --data imagenet/val --out dinov2
 
 Exit codes: 0 done; 2 a user-fixable error (a model, a file, an option: one line, no traceback); 130 interrupted.
 """

@@ -8,7 +8,9 @@ The checkpoint's own config names the student architecture and the eval preproce
 writes a folder in the timm / Hugging Face layout (``model.safetensors`` + ``config.json``; or a
 ``.safetensors`` file with ``config.json`` beside it) that ``timm.create_model('local-dir:<folder>',
 pretrained=True)`` loads exactly; distilled and fine-tuned students both work. ``--format official`` writes
-``{'model': {'encoder.*', 'decoder.*'}}`` for the official fine-tuning code (distilled students only).
+``{'model': {'encoder.*', 'decoder.*'}}`` for the official fine-tuning code (distilled students only; a student
+of several teachers: ``encoder.*`` only, the layout's one decoder being the projector onto one teacher).
+``--with-heads`` also writes the projector heads, by teacher name, to ``<backbone stem>.heads.safetensors``.
 Exit codes: 0 written; 2 a file or option the user can fix (one line, no traceback); 130 interrupted.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Optional, Sequence
 
 from ..errors import UserError
 from ..interop.export import export_checkpoint, export_source
+from ..interop.heads_export import heads_path
 from .common import exit_code
 
 PROG = "fdfast-export"
@@ -49,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-layout", action="store_true",
                    help="timm, distilled ViT: write the fine-tune layout (one relative position bias table per "
                         "block, mean pooling + fresh fc_norm, final norm dropped) so a stock timm BEiT loads it")
+    p.add_argument("--with-heads", action="store_true",
+                   help="distilled students: also write the projector heads, by teacher name (a run with several "
+                        "teachers has one per teacher), to <backbone stem>.heads.safetensors beside the backbone")
     p.add_argument("-q", "--quiet", action="store_true", help="only print errors")
     return p
 
@@ -59,8 +65,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def work() -> int:
         out = export_checkpoint(export_source(args.checkpoint, args.which), args.format, args.out,
-                                model_name=args.model_name, finetune_layout=args.finetune_layout)
-        print(out)  # stdout: just the written path, for scripts; the details went to the log (stderr)
+                                model_name=args.model_name, finetune_layout=args.finetune_layout,
+                                with_heads=args.with_heads)
+        print(out)  # stdout: just the written path(s), for scripts; the details went to the log (stderr)
+        if args.with_heads:
+            print(heads_path(out))
         return 0
     # OSError: --out cannot be written (permissions, space)
     return exit_code(PROG, work, errors=(UserError, OSError), label="error",

@@ -13,11 +13,15 @@ from ..models.teachers import TEACHER_KINDS
 
 
 def add_teacher_options(p: argparse.ArgumentParser) -> None:
-    t = p.add_argument_group("teacher (a release file, as model.teacher of a config)")
-    t.add_argument("--teacher", help="teacher weights file or 'random': a model of its own, and the teacher (FD-loss "
-                                     "partner) of distilled students instead of each run's own model.teacher")
-    t.add_argument("--teacher-kind", choices=TEACHER_KINDS, default="clip")
-    t.add_argument("--teacher-model", default=TeacherSpec.model, help="timm architecture of the teacher")
+    t = p.add_argument_group("teacher (a file or folder, as model.teacher of a config)")
+    t.add_argument("--teacher", help="teacher weights file (kind timm: also a timm / OpenCLIP folder or a hub cache) "
+                                     "or 'random': a model of its own, and the teacher (FD-loss partner) of distilled "
+                                     "students instead of each run's own model.teacher")
+    t.add_argument("--teacher-kind", choices=TEACHER_KINDS, default="clip",
+                   help="FD's release files (clip, dino, deit, esvit) or any timm ViT-family model (timm)")
+    t.add_argument("--teacher-model", default=TeacherSpec.model,
+                   help="timm architecture of the teacher, with its pretrained tag for kind timm "
+                        "(e.g. vit_base_patch14_reg4_dinov2.lvd142m)")
     t.add_argument("--teacher-kwargs", default=None, help="YAML/JSON mapping of extra timm arguments, "
                                                           "e.g. '{window_size: 14}' for EsViT")
     t.add_argument("--teacher-img-size", type=int, default=None, help="teacher input size (default 224)")

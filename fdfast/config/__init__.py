@@ -3,8 +3,9 @@ from ..errors import ConfigError
 from .load import config_from_dict, dump_config, load_config, parse_override, to_dict
 from .sections import (AUTO_AUGMENT_BACKENDS, AugmentConfig, CheckpointConfig, CompileConfig, DataConfig,
                        FDConfig, LogConfig, ModelConfig, OptimConfig, StudentConfig, TeacherConfig,
-                       TrainConfig)
+                       TeacherEntry, TrainConfig)
 
 __all__ = ["AUTO_AUGMENT_BACKENDS", "AugmentConfig", "CheckpointConfig", "CompileConfig", "ConfigError",
            "DataConfig", "FDConfig", "LogConfig", "ModelConfig", "OptimConfig", "StudentConfig", "TeacherConfig",
-           "TrainConfig", "config_from_dict", "dump_config", "load_config", "parse_override", "to_dict"]
+           "TeacherEntry", "TrainConfig", "config_from_dict", "dump_config", "load_config", "parse_override",
+           "to_dict"]

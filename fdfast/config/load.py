@@ -259,14 +259,33 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _list_entry(items: list, key: str, where: str) -> dict:
+    """The mapping of a list of mappings (``model.teachers``) that a dotted key names: by its ``name``, else by
+    its index (``model.teachers.dinov2.weights=...``, ``model.teachers.0.weights=...``)."""
+    for item in items:
+        if isinstance(item, dict) and item.get("name") == key:
+            return item
+    if key.isdigit() and int(key) < len(items) and isinstance(items[int(key)], dict):
+        return items[int(key)]
+    names = [str(i.get("name")) for i in items if isinstance(i, dict) and i.get("name")]
+    raise ConfigError(f"override {where}: {key!r} names no entry of the list (its names: {', '.join(names) or '-'}; "
+                      f"or an index below {len(items)})")
+
+
 def _set_path(data: dict, path: list[str], value: Any) -> None:
-    node = data
-    for p in path[:-1]:
+    node: Any = data
+    for i, p in enumerate(path[:-1]):
+        if isinstance(node, list):
+            node = _list_entry(node, p, ".".join(path[:i + 1]))
+            continue
         nxt = node.get(p)
-        if not isinstance(nxt, dict):
+        if not isinstance(nxt, (dict, list)) or (isinstance(nxt, list) and not all(isinstance(v, dict) for v in nxt)):
             nxt = {}
             node[p] = nxt
         node = nxt
+    if isinstance(node, list):
+        raise ConfigError(f"override {'.'.join(path)}: set a key of the entry ({'.'.join(path)}.KEY=VALUE), or "
+                          f"the whole list ({'.'.join(path[:-1])}=[...])")
     node[path[-1]] = value
 
 

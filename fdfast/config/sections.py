@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 
 from .checks import need
 from .data import AUTO_AUGMENT_BACKENDS, CENTER_CROP_BACKENDS, AugmentConfig, DataConfig
-from .model import ModelConfig, StudentConfig, TeacherConfig
+from .model import ModelConfig, StudentConfig, TeacherConfig, TeacherEntry
 from .run import CheckpointConfig, CompileConfig, LogConfig, OptimConfig, TrainConfig
 
 __all__ = ["AUTO_AUGMENT_BACKENDS", "AugmentConfig", "CheckpointConfig", "CompileConfig", "DataConfig", "FDConfig",
-           "LogConfig", "ModelConfig", "OptimConfig", "StudentConfig", "TeacherConfig", "TrainConfig"]
+           "LogConfig", "ModelConfig", "OptimConfig", "StudentConfig", "TeacherConfig",
+           "TeacherEntry", "TrainConfig"]
 
 
 @dataclass(kw_only=True)
@@ -32,14 +33,17 @@ class FDConfig:
 
     def __post_init__(self) -> None:
         """Checks that involve more than one section."""
-        s, t, tr = self.model.student, self.model.teacher, self.train
+        s, tr = self.model.student, self.train
         if tr.task == "distill":
             need(s.num_classes == 0, "model.student.num_classes must be 0 for train.task='distill'")
             # the loss is index-aligned, so both token grids must match; checked again on the built models
-            need(not (s.arch == "beit" and t.kind == "esvit"),
-                 "teacher kind 'esvit' (49 Swin tokens) needs model.student.arch='swinv2'")
-            need(not (s.arch == "swinv2" and t.kind != "esvit"),
-                 f"student arch 'swinv2' has no CLS token; teacher kind {t.kind!r} needs model.student.arch='beit'")
+            # (kind timm: by the token rules of models/token_rules.py, which know the teacher's layout)
+            for t in self.model.teacher_configs:
+                need(not (s.arch == "beit" and t.kind == "esvit"),
+                     f"{t.key}.kind='esvit' (49 Swin tokens) needs model.student.arch='swinv2'")
+                need(not (s.arch == "swinv2" and t.kind not in ("esvit", "timm")),
+                     f"student arch 'swinv2' has no CLS token; {t.key}.kind={t.kind!r} needs "
+                     "model.student.arch='beit'")
             # the student starts from random init (spec); a path here would be silently unread
             need(not self.model.pretrained,
                  f"model.pretrained={self.model.pretrained!r} is read by train.task='finetune' and 'linprobe' "

@@ -31,6 +31,7 @@ from ..constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from ..errors import ConfigError, UserError
 from ..models.student import build_student, timm_kwargs
 from .conversion import detect_arch, normalise_projector, unwrap_model
+from .heads_export import export_heads
 from .loading import LAYOUT_FDFAST, FdfastCheckpoint, load_converted_state_dict, read_fdfast_checkpoint
 from .reading import CheckpointReadError, first_line, fmt_keys, strip_wrapper_prefixes
 
@@ -334,16 +335,29 @@ def export_source(path: str | os.PathLike, which: Optional[str] = None) -> Path:
 
 
 def export_checkpoint(path: str | os.PathLike, fmt: str, out: str | os.PathLike, *,
-                      model_name: Optional[str] = None, finetune_layout: bool = False) -> Path:
+                      model_name: Optional[str] = None, finetune_layout: bool = False,
+                      with_heads: bool = False) -> Path:
     """Export the student of an fdfast checkpoint (file, step folder or run folder) as ``fmt``.
 
     ``timm``: any student (:func:`export_timm` with the exact ``timm_kwargs`` and :func:`eval_preprocessing`
     of the run); ``finetune_layout`` turns a distilled ViT into the fine-tune layout (per-block tables, mean
     pooling + fresh ``fc_norm``, no head) that a stock timm BEiT loads. ``official``: distilled students
-    (:func:`export_official`, with the projector). Returns the written file.
+    (:func:`export_official`, with the projector; a student of several teachers: ``encoder.*`` only, the
+    layout's one decoder being the projector onto one teacher). ``with_heads``: also the projector heads, by
+    teacher name, in a file beside it (:mod:`.heads_export`). Returns the written backbone file.
     """
     ckpt = read_fdfast_checkpoint(path)
     cfg = checkpoint_config(ckpt)
+    if with_heads and ckpt.task == "finetune":
+        raise ExportError(f"{ckpt.path} holds a fine-tuned student, which has no projector heads: drop --with-heads")
+    written = _export_backbone(ckpt, cfg, fmt, out, model_name=model_name, finetune_layout=finetune_layout)
+    if with_heads:
+        export_heads(ckpt, cfg, written)
+    return written
+
+
+def _export_backbone(ckpt: FdfastCheckpoint, cfg: FDConfig, fmt: str, out: str | os.PathLike, *,
+                     model_name: Optional[str], finetune_layout: bool) -> Path:
     s = cfg.model.student
     if ckpt.task == "linprobe":
         raise ExportError(f"{ckpt.path} is a linear-probe checkpoint, whose BatchNorm + Linear head has no place "
@@ -358,11 +372,17 @@ def export_checkpoint(path: str | os.PathLike, fmt: str, out: str | os.PathLike,
             raise ExportError(f"{ckpt.path} holds a fine-tuned student (train.task={ckpt.task!r}, "
                               f"{s.num_classes}-class head); the official layout is for distilled students. "
                               "Use --format timm")
-        if ckpt.projector is None:
+        if ckpt.heads:
+            log.warning("the official layout has one decoder, the projector onto one teacher; this student of "
+                        "%d teachers (%s) is written as encoder.* only (what the official fine-tuning loader "
+                        "reads); --with-heads writes its heads beside it", len(ckpt.heads), ", ".join(ckpt.heads))
+        elif ckpt.projector is None:
             log.warning("checkpoint has no projector; writing encoder.* only (enough for the official "
                         "fine-tuning loader)")
         target = Path(out) / "checkpoint.pth" if Path(out).is_dir() else Path(out)
         provenance = {"source": str(ckpt.path), "step": ckpt.step, "student": dataclasses.asdict(s)}
+        if ckpt.heads:
+            provenance["teachers"] = list(ckpt.heads)
         return export_official(student, ckpt.projector, target, s.arch, extra={"fdfast": provenance})
     if fmt != "timm":
         raise ValueError(f"format {fmt!r}: expected 'timm' or 'official'")

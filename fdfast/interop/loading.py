@@ -82,24 +82,33 @@ class FdfastCheckpoint:
     projector: Optional[dict]  # distillation: {'weight': [Dt, Ds], 'bias': [Dt]}
     config: dict
     step: Optional[int] = None
+    heads: Optional[dict] = None  # several teachers: {name: the head's state dict}
+    task_state: Optional[dict] = None  # the task's own state (several teachers: {'phi_s': {name: buffers}})
 
 
-def _split_fdfast_state(state: Mapping, path: Path) -> tuple[str, dict, Optional[dict]]:
-    """(task, student state dict, projector or None) of what the trainer wrote under ``state['model']``."""
+def _split_fdfast_state(state: Mapping, path: Path) -> tuple[str, dict, Optional[dict], Optional[dict]]:
+    """(task, student state dict, projector or None, heads or None) of what the trainer wrote under
+    ``state['model']``: one teacher's ``encoder.*`` + ``decoder.*``, or several teachers' ``encoder.*`` +
+    ``heads.<name>.*`` (:class:`~fdfast.models.heads.MultiDistillModel`)."""
     config = state.get("config")
     train = config.get("train") if isinstance(config, Mapping) else None
     task = str(train.get("task", "distill")) if isinstance(train, Mapping) else "distill"
     model = strip_wrapper_prefixes(check_state_dict(state.get("model"), path, "['model']"))
     if task != "distill":
-        return task, model, None
+        return task, model, None, None
     student = {k[len("encoder."):]: v for k, v in model.items() if k.startswith("encoder.")}
     projector = {k[len("decoder."):]: v for k, v in model.items() if k.startswith("decoder.")}
-    other = [k for k in model if not k.startswith(("encoder.", "decoder."))]
-    if not student or other:
+    heads: dict[str, dict] = {}
+    for k, v in model.items():
+        if k.startswith("heads."):
+            name, _, rest = k[len("heads."):].partition(".")
+            heads.setdefault(name, {})[rest] = v
+    other = [k for k in model if not k.startswith(("encoder.", "decoder.", "heads."))]
+    if not student or other or (projector and heads):
         raise CheckpointReadError(
-            f"{path}: a distillation checkpoint's ['model'] holds the DistillModel (encoder.* + decoder.*), but "
-            f"this one has {fmt_keys(other or list(model))}")
-    return task, student, normalise_projector(projector, path) if projector else None
+            f"{path}: a distillation checkpoint's ['model'] holds the student (encoder.*) and its projector "
+            f"(decoder.*) or its heads (heads.<teacher>.*), but this one has {fmt_keys(other or list(model))}")
+    return task, student, normalise_projector(projector, path) if projector else None, heads or None
 
 
 def read_fdfast_checkpoint(path: str | os.PathLike) -> FdfastCheckpoint:
@@ -118,10 +127,12 @@ def read_fdfast_checkpoint(path: str | os.PathLike) -> FdfastCheckpoint:
     if not isinstance(config, Mapping):
         raise CheckpointReadError(f"{file}: fdfast checkpoint has no 'config' mapping, so the student "
                                   "architecture is unknown")
-    task, student, projector = _split_fdfast_state(state, file)
+    task, student, projector, heads = _split_fdfast_state(state, file)
     step = state.get("step")
+    extra = state.get("extra")
     return FdfastCheckpoint(path=file, task=task, student=student, projector=projector, config=dict(config),
-                            step=int(step) if isinstance(step, (int, float)) else None)
+                            step=int(step) if isinstance(step, (int, float)) else None, heads=heads,
+                            task_state=dict(extra) if isinstance(extra, Mapping) else None)
 
 
 def read_student_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> tuple[dict, str]:

@@ -98,10 +98,14 @@ def build_teacher_from_spec(spec: TeacherSpec, student_img_size: int, *, trust_p
 def run_teacher(cfg, *, trust_pickle: bool = False) -> Teacher:
     """The teacher of a distillation run's config. The trainer seeds ``train.seed`` and builds the
     teacher first, so a ``random`` teacher drawn the same way is the very teacher the student learnt from."""
+    if cfg.model.teachers:  # one student, several heads: no single teacher + projector to compare with
+        raise SourceError(f"the run distilled from {len(cfg.model.teachers)} teachers "
+                          f"({', '.join(t.name for t in cfg.model.teachers)}), and the FD loss here compares one")
     tcfg = dataclasses.replace(cfg.model.teacher, fp16_weights=False, bf16=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
-        return build_teacher(tcfg, cfg.model.student.img_size, trust_pickle=trust_pickle or cfg.model.trust_pickle)
+        return build_teacher(tcfg, cfg.model.student.img_size, trust_pickle=trust_pickle or cfg.model.trust_pickle,
+                             student=cfg.model.student)  # the run's token rules: input size, target tokens
 
 
 def _projector(sd: dict, teacher: Teacher, source: str) -> nn.Linear:

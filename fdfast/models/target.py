@@ -17,28 +17,38 @@ Why a manual CUDA graph around a compiled function instead of ``torch.compile(mo
 from __future__ import annotations
 
 import collections
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..objective import pixel_constants, whiten
+from .phi_s import PhiS
+from .token_rules import TargetPlan
 
 
 class TeacherTarget(nn.Module):
     """uint8 pixels -> whitened teacher tokens (float32). Frozen, no grad, no state of its own.
 
-    The teacher's own normalisation (CLIP's or ImageNet's mean/std) is applied here, on the device,
-    to the same uint8 pixels the student sees; a teacher with a smaller input size (CLIP L/14 at 224
-    under a 256 px student) gets the official code's resize (bilinear, no antialias).
+    The target of one teacher, self-contained: the teacher's own normalisation (CLIP's, ImageNet's, SigLIP's
+    0.5 / 0.5 ...) applied here, on the device, to the same uint8 pixels the student sees; the resize of the
+    batch to the teacher's input size (the official code's bilinear, no antialias: CLIP L/14 at 224 under a
+    256 px student, a patch-14 teacher at 196 under a 224 px patch-16 student); the frozen teacher; its
+    :class:`~.token_rules.TargetPlan` (``plan``, default: the teacher's own, see :class:`~.teachers.Teacher`),
+    which picks the target tokens (registers dropped, the patch map resized to the student's grid ...); and
+    FD's whitening, or ``phi_s`` (:class:`~.phi_s.PhiS`, one teacher of several). :meth:`student_tokens` picks
+    the student tokens that face this target.
     """
 
-    def __init__(self, teacher: nn.Module, eps: float = 1e-5):
+    def __init__(self, teacher: nn.Module, eps: float = 1e-5, plan: Optional[TargetPlan] = None, *,
+                 phi_s: Optional[PhiS] = None):
         super().__init__()
         self.teacher = teacher
         self.eps = float(eps)
-        self.img_size = int(teacher.img_size)
+        self.plan: TargetPlan = plan or teacher.plan
+        self.phi_s = phi_s  # PHI-S instead of FD's whitening (several teachers, ``whiten: phi_s``)
+        self.img_size = int(self.plan.input_size)
         # Buffers (not Python lists) so that they follow .to(), exist before a CUDA-graph capture and
         # are graph inputs, not host->device copies, when compiled.
         p = next(teacher.parameters(), None)
@@ -47,14 +57,32 @@ class TeacherTarget(nn.Module):
         self.register_buffer("pix_mean", m.clone(), persistent=False)
         self.register_buffer("pix_std", s.clone(), persistent=False)
 
+    @property
+    def embed_dim(self) -> int:
+        return int(self.teacher.embed_dim)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.plan.num_tokens
+
+    def student_tokens(self, pred: torch.Tensor) -> torch.Tensor:
+        """The student's projected tokens (B, N, D) that this target is compared with."""
+        return self.plan.student_tokens(pred)
+
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The target's teacher tokens before the whitening (what PHI-S is estimated from)."""
         x = (images.float() - self.pix_mean) / self.pix_std
         size = self.img_size
         if x.shape[-1] != size or x.shape[-2] != size:
             # official: torchvision 0.13 Resize((224, 224)) on a tensor = bilinear, no antialias
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
-        return whiten(self.teacher(x), self.eps)
+        return self.plan.select(self.teacher(x))
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.features(images)
+        return self.phi_s(tokens) if self.phi_s is not None else whiten(tokens, self.eps)
 
 
 def _autocast_key(device_type: str) -> tuple:

@@ -123,8 +123,8 @@ def read_teacher_file(kind: str, path: str | os.PathLike, model: Optional[nn.Mod
         raise TeacherLoadError(
             f"teacher weights file {what}: {path} (config key {_WEIGHTS_KEY}; point it at {info.expected} for "
             f"teacher kind {kind!r}, or set it to 'random' for an untrained teacher)")
-    sha256 = _verified_sha256(path)
-    obj, is_jit = _read_file(path, trust_pickle)
+    sha256 = verified_sha256(path)
+    obj, is_jit = read_release_object(path, trust_pickle)
     layout, description = _identify(obj, is_jit)
     if layout != kind:
         raise TeacherLoadError(
@@ -162,7 +162,7 @@ def read_teacher_file(kind: str, path: str | os.PathLike, model: Optional[nn.Mod
     return TeacherFile(sd, sha256)
 
 
-def _verified_sha256(path: Path) -> str:
+def verified_sha256(path: Path) -> str:
     try:
         digest = file_sha256(path)
     except OSError as e:
@@ -178,7 +178,7 @@ def _verified_sha256(path: Path) -> str:
     return digest
 
 
-def _read_file(path: Path, trust_pickle: bool) -> tuple[Any, bool]:
+def read_release_object(path: Path, trust_pickle: bool) -> tuple[Any, bool]:
     """(object, is_torchscript) under the load policy; mmap leaves a training checkpoint's optimizer and EMA
     parts unread. TorchScript archives (OpenAI CLIP) come back as their state dict."""
     try:

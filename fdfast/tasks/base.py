@@ -6,7 +6,10 @@ loop (optimizer, schedule, accumulation, cadences, checkpoints). A task provides
 * ``model`` — the unwrapped trainable module; its ``state_dict()`` is what checkpoints hold;
 * ``train_model`` — what forward/backward runs through (the same module compiled and/or in DDP);
 * ``groups`` — optimizer parameter groups (``params``, ``names``, ``weight_decay``, ``lr_scale``);
-* ``loss(images, labels)`` — uint8 channels-last pixels and int64 labels -> scalar loss tensor;
+* ``loss(images, labels)`` — uint8 channels-last pixels and int64 labels -> scalar loss tensor, or a dict of
+  scalar tensors: ``"loss"`` (the total that is back-propagated) and ``"loss_<name>"`` parts (logged beside it);
+* ``prepare(batches)`` — once per start, after a resume and before the first step: e.g. statistics a target
+  estimates from the first batches (``batches``: the training loader);
 * ``evaluate()`` — a dict of metrics (``top1`` ..., or ``knn_top1`` ... for distillation) when
   ``can_evaluate``, every ``eval_every`` epochs and at the last step;
 * ``state_dict()`` / ``load_state_dict()`` — the task's own bookkeeping (e.g. which pretrained file
@@ -14,7 +17,7 @@ loop (optimizer, schedule, accumulation, cadences, checkpoints). A task provides
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Iterable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -28,8 +31,11 @@ class Task:
     groups: list[dict]
     eval_every: int = 1
 
-    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> Union[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
+
+    def prepare(self, batches: Iterable[tuple[torch.Tensor, Any]]) -> None:
+        """Before the first step of every start (fresh or resumed); nothing by default."""
 
     @property
     def can_evaluate(self) -> bool:

@@ -4,78 +4,105 @@
 non-affine LayerNorm; compiled and CUDA-graph captured when configured) and the student's projected
 tokens from the ImageNet-normalised pixels, compared with SmoothL1 (β = 2). Labels are unused. Only the
 student + projector (:class:`~fdfast.models.student.DistillModel`) trains and sits in DDP; the teacher
-stays outside, frozen, in eval mode. With ``train.knn_every`` the task evaluates: the weighted k-NN accuracy of
-the student's features (``tasks/knn.py``).
+stays outside, frozen, in eval mode.
+
+Several teachers (``model.teachers``): one target per teacher (:mod:`.targets`), each with its own head on the
+shared student tokens (:class:`~fdfast.models.heads.MultiDistillModel`), its own token set and its own
+whitening (FD's LayerNorm or PHI-S); ``loss`` returns ``{"loss": Σ weightᵢ · lossᵢ, "loss_<name>": lossᵢ}``,
+every ``lossᵢ`` the plain FD loss of teacher i (unweighted, comparable with a one-teacher run).
+
+With ``train.knn_every`` the task evaluates: the weighted k-NN accuracy of the student's features
+(``tasks/knn.py``).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Iterable, Optional, Union
 
 import torch
-import torch.nn as nn
 
-from ..config import ConfigError, FDConfig
+from ..config import FDConfig
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..distributed import DistInfo
-from ..models.attention import set_attention_kernel
+from ..logging import log
+from ..models.heads import MultiDistillModel
 from ..models.student import DistillModel
-from ..models.target import GraphedTarget, TeacherTarget
-from ..models.teachers import Teacher, build_teacher
+from ..models.teachers import build_teacher
 from ..objective import fd_loss, normalize
 from ..optim import param_groups
-from ..parallelize import apply_compile, prepare_model, wrap_for_training
+from ..parallelize import prepare_model, wrap_for_training
 from .base import Task
 from .evaluation import StopCheck
 from .knn import KNNMonitor
+from .targets import build_target, build_teacher_slots, estimate_phi_s
 
-
-def build_target(teacher: Teacher, cfg: FDConfig, device: torch.device,
-                 compile_backend: Optional[str] = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The teacher target of a run: :class:`TeacherTarget` on the teacher's fused (flash) attention;
-    with ``compile.enabled`` compiled (``compile.scope``: the whole target incl. normalise/whiten, or
-    the teacher's blocks); with ``compile.cuda_graph_teacher`` on CUDA replayed from a CUDA graph per
-    input shape. ``compile_backend`` (e.g. 'aot_eager') is for CPU checks of the compiled path."""
-    set_attention_kernel(teacher, "sdpa")
-    fn: nn.Module = TeacherTarget(teacher, cfg.model.whiten_eps).to(device)
-    if cfg.compile.enabled:
-        if cfg.compile.scope == "whole":
-            fn = apply_compile(fn, cfg.compile, scope="whole", backend=compile_backend)
-        else:
-            apply_compile(fn.teacher, cfg.compile, scope="blocks", backend=compile_backend)
-    if cfg.compile.cuda_graph_teacher and device.type == "cuda":
-        return GraphedTarget(fn, device)
-    return fn
+__all__ = ["DistillTask", "build_target"]
 
 
 class DistillTask(Task):
-    """Student + projector trained to regress the teacher's whitened tokens."""
+    """Student + projector trained to regress the teacher's whitened tokens; with ``model.teachers``, student +
+    one head per teacher trained on the weighted sum of their FD losses."""
 
-    def __init__(self, cfg: FDConfig, info: DistInfo, compile_backend: Optional[str] = None):
+    def __init__(self, cfg: FDConfig, info: DistInfo, compile_backend: Optional[str] = None, *,
+                 trust_pickle: bool = False):
         s = cfg.model.student
-        self.teacher = build_teacher(cfg.model.teacher, s.img_size, trust_pickle=cfg.model.trust_pickle)
-        self.teacher.to(info.device)
-        if self.teacher.num_tokens != s.num_tokens:
-            raise ConfigError(
-                f"student ({s.arch}, img {s.img_size}, patch {s.patch_size}) gives {s.num_tokens} tokens but the "
-                f"teacher {cfg.model.teacher.model!r} gives {self.teacher.num_tokens}; FD matches tokens index by "
-                "index, so change model.student.img_size/patch_size or model.teacher.img_size")
-        self.model = prepare_model(DistillModel(s, self.teacher.embed_dim), cfg, info)
+        self.cfg, self.info = cfg, info
+        self.beta = cfg.model.loss_beta
+        if cfg.model.teachers:
+            self.slots = build_teacher_slots(cfg, info, compile_backend, trust_pickle=trust_pickle)
+            self.teacher = self.slots[0].teacher  # what code written for one teacher reads (e.g. its sha256)
+            heads = {slot.name: (slot.head, slot.teacher.embed_dim) for slot in self.slots}
+            self.model = prepare_model(MultiDistillModel(s, heads), cfg, info)
+        else:
+            self.slots = []
+            # the token rules (input size, target tokens, student tokens) are resolved against this student
+            self.teacher = build_teacher(cfg.model.teacher, s.img_size, trust_pickle=trust_pickle, student=s)
+            self.teacher.to(info.device)
+            self.plan = self.teacher.plan
+            if info.is_main:
+                log(self.teacher.describe())
+                log(self.plan.describe())
+            self.model = prepare_model(DistillModel(s, self.teacher.embed_dim), cfg, info)
         self.groups = param_groups(self.model, cfg.optim, s)
         self.train_model = wrap_for_training(self.model, cfg, info, compile_backend)
-        self.target = build_target(self.teacher, cfg, info.device, compile_backend)
-        self.beta = cfg.model.loss_beta
+        if not self.slots:
+            self.target = build_target(self.teacher, cfg, info.device, compile_backend)
         self.knn = KNNMonitor(cfg, info) if cfg.train.knn_every else None
         self.eval_every = cfg.train.knn_every or 1  # only read when the monitor is on
 
-    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        target = self.target(images)
-        pred = self.train_model(normalize(images, IMAGENET_MEAN, IMAGENET_STD))
-        return fd_loss(pred, target, self.beta)
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> Union[torch.Tensor, dict[str, torch.Tensor]]:
+        if not self.slots:
+            target = self.target(images)
+            pred = self.train_model(normalize(images, IMAGENET_MEAN, IMAGENET_STD))
+            return fd_loss(self.plan.student_tokens(pred), target, self.beta)
+        targets = [slot.target(images) for slot in self.slots]
+        preds = self.train_model(normalize(images, IMAGENET_MEAN, IMAGENET_STD))
+        out: dict[str, torch.Tensor] = {}
+        total: Optional[torch.Tensor] = None
+        for slot, target in zip(self.slots, targets):
+            part = fd_loss(slot.plan.student_tokens(preds[slot.name]), target, self.beta)
+            total = slot.weight * part if total is None else total + slot.weight * part
+            out[f"loss_{slot.name}"] = part.detach()
+        return {"loss": total, **out}
+
+    def prepare(self, batches: Iterable[tuple[torch.Tensor, Any]]) -> None:
+        """PHI-S teachers without statistics (a fresh start) estimate them from the first batches."""
+        estimate_phi_s(self.slots, batches, self.cfg, self.info)
+
+    def state_dict(self) -> dict:
+        phi_s = {slot.name: slot.phi_s.state_dict() for slot in self.slots if slot.phi_s is not None}
+        return {"phi_s": phi_s} if phi_s else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        for slot in self.slots:
+            saved = (state.get("phi_s") or {}).get(slot.name)
+            if slot.phi_s is not None and saved is not None:
+                slot.phi_s.load_state_dict(saved)  # in place: a captured graph keeps reading these buffers
 
     @property
     def can_evaluate(self) -> bool:
         return self.knn is not None
 
     def evaluate(self, should_stop: Optional[StopCheck] = None) -> dict:
-        """k-NN accuracy of the student's own features (the encoder's tokens, not the projector's)."""
+        """k-NN accuracy of the student's own features (the encoder's tokens, not the projector's or
+        the heads')."""
         return self.knn(self.model.encoder, should_stop)
