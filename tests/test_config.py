@@ -176,7 +176,7 @@ def test_list_configs_names_every_runnable_config_once(capsys):
     assert str(CONFIGS) in out[0]
     listed = {line.split()[0]: line.split(maxsplit=1)[1] for line in out[1:]}
     files = sorted(p for p in CONFIGS.rglob("*.yaml") if not p.name.startswith("_"))
-    assert len(listed) == len(files) == 24
+    assert len(listed) == len(files) == 26
     assert sorted(resolve_config(name) for name in listed) == files  # every listed name runs that file
     assert listed["fd_clip_vit_base_100ep"] == "CLIP ViT-B/16 -> ViT-B/16, 100 epochs."
     assert "pretrain/demo_cpu" in listed and "finetune/demo_cpu" in listed
