@@ -13,6 +13,8 @@ import sys
 import yaml
 
 from ..analyze import AnalyzeOptions, analyze
+from ..config.load import yaml_error_line
+from ..constants import TRUST_SWITCH
 from ..interop.sources import TeacherSpec
 from ..errors import UserError
 from ..models.teachers import TEACHER_KINDS
@@ -53,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     land.add_argument("--span", type=float, default=1.0, help="α, β range [-span, span]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--trust-pickle", action="store_true", help="allow files that pickle code (runs it!)")
+    p.add_argument(TRUST_SWITCH, dest="trust_pickle", action="store_true",
+                   help="allow model / teacher files that pickle code (runs it: only files you trust)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -61,7 +64,11 @@ def _parser() -> argparse.ArgumentParser:
 def _options(a: argparse.Namespace) -> AnalyzeOptions:
     teacher = None
     if a.teacher:
-        kwargs = yaml.safe_load(a.teacher_kwargs) if a.teacher_kwargs else None
+        try:
+            kwargs = yaml.safe_load(a.teacher_kwargs) if a.teacher_kwargs else None
+        except yaml.YAMLError as e:  # bad syntax, or a tag such as !!python/object that safe_load refuses
+            raise UserError(f"--teacher-kwargs {a.teacher_kwargs!r} is not valid YAML ({yaml_error_line(e)}); give "
+                            "a mapping, e.g. '{window_size: 14}'") from None
         if kwargs is not None and not isinstance(kwargs, dict):
             raise UserError(f"--teacher-kwargs {a.teacher_kwargs!r} is not a mapping, e.g. '{{window_size: 14}}'")
         teacher = TeacherSpec(weights=a.teacher, kind=a.teacher_kind, model=a.teacher_model, model_kwargs=kwargs,

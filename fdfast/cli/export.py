@@ -17,6 +17,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
+from ..constants import TRUST_SWITCH
 from ..errors import UserError
 from ..interop.export import export_checkpoint
 from .common import exit_code
@@ -36,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-layout", action="store_true",
                    help="timm, distilled ViT: write the fine-tune layout (one relative position bias table per "
                         "block, mean pooling + fresh fc_norm, final norm dropped) so a stock timm BEiT loads it")
+    p.add_argument(TRUST_SWITCH, dest="trust_pickle", action="store_true",
+                   help="taken by every command that reads files; changes nothing here: fdfast checkpoints hold "
+                        "only tensors and plain values, and one that pickles code is refused whatever the switch")
     p.add_argument("-q", "--quiet", action="store_true", help="only print errors")
     return p
 

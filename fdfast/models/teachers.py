@@ -17,7 +17,7 @@ timm's ``head`` and is dropped (``num_classes=0``). The OpenAI weights need the 
 plain ``*_clip_*`` names use exact GELU and give features that are off by ~4e-2.
 
 Release files are read by :mod:`.teacher_files`: under the one load policy (nothing in a file runs unless
-``model.trust_pickle`` allows it), with OpenAI's published SHA-256 checked for ``ViT-B-16.pt`` / ``ViT-L-14.pt``,
+``--trust-pickle`` allows it), with OpenAI's published SHA-256 checked for ``ViT-B-16.pt`` / ``ViT-L-14.pt``,
 and strictly (every key of the file must land in the model and every parameter must come from the file, apart
 from the keys a teacher does not use). The built :class:`Teacher` records the SHA-256 of its file.
 
@@ -136,7 +136,7 @@ def build_teacher(cfg: Any, student_img_size: int, *, trust_pickle: bool = False
     release file (read with :func:`load_teacher_state_dict` and loaded strictly) or ``'random'`` for timm's
     random init (demos, tests, benchmarks). ``cfg.fp16_weights`` stores conv/linear weights in fp16 and runs
     the forward under fp16 autocast, as the official CLIP teacher does on CUDA; it is pointless on CPU.
-    ``trust_pickle`` is ``model.trust_pickle`` (see :mod:`fdfast.interop.reading`'s load policy).
+    ``trust_pickle`` is the command's ``--trust-pickle`` (see :mod:`fdfast.interop.reading`'s load policy).
     """
     kind = cfg.kind
     img_size = int(cfg.img_size or student_img_size)

@@ -47,9 +47,10 @@ def build_target(teacher: Teacher, cfg: FDConfig, device: torch.device,
 class DistillTask(Task):
     """Student + projector trained to regress the teacher's whitened tokens."""
 
-    def __init__(self, cfg: FDConfig, info: DistInfo, compile_backend: Optional[str] = None):
+    def __init__(self, cfg: FDConfig, info: DistInfo, compile_backend: Optional[str] = None, *,
+                 trust_pickle: bool = False):
         s = cfg.model.student
-        self.teacher = build_teacher(cfg.model.teacher, s.img_size, trust_pickle=cfg.model.trust_pickle)
+        self.teacher = build_teacher(cfg.model.teacher, s.img_size, trust_pickle=trust_pickle)
         self.teacher.to(info.device)
         if self.teacher.num_tokens != s.num_tokens:
             raise ConfigError(
