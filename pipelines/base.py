@@ -33,7 +33,7 @@ from fdfast.errors import MissingDependency, UserError
 from fdfast.logging import log
 
 __all__ = ["CROP_RATIO", "BadImages", "CountedLoader", "DataError", "Loader", "LoaderRequest", "MissingDependency",
-           "check_batch", "empty_batch", "pad_eval_batch"]
+           "batches_in_flight", "check_batch", "empty_batch", "pad_eval_batch"]
 
 # Distillation / fine-tune RandomResizedCrop ranges (torchvision defaults, used by FD).
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -91,6 +91,12 @@ class Loader(Protocol):
     def skipped_images(self) -> int:
         """Undecodable files this loader dropped so far (``data.on_bad_image=skip``)."""
         ...
+
+
+def batches_in_flight(data: DataConfig) -> int:
+    """Batches a backend may have read ahead of the one it hands out (the prefetch queue and the batch being
+    decoded): where a bad file found in one batch sends it looking for more, so one error names them all."""
+    return max(1, data.prefetch) + 2
 
 
 def usable_cores() -> int:
