@@ -4,6 +4,7 @@ counts and logs them; through the loaders and through ``fdfast-train``. Also the
 moved from the loaders into the config."""
 from __future__ import annotations
 
+import gc
 import io
 import os
 import subprocess
@@ -27,6 +28,15 @@ BACKENDS = ("torchvision", "nvjpeg", "dali")
 N_GOOD, N_FILES = 12, 15      # 2 classes x 6 generated images, + BAD_NAMES
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")    # torchvision.io's deprecation notice
+
+
+@pytest.fixture(autouse=True)
+def _free_dali_pipelines():
+    """``pytest.raises`` keeps a failed DALI iteration's frames (its iterator, its pipeline) in a reference cycle;
+    a DataLoader worker forked later (torchvision) would run that pipeline's destructor in its own garbage
+    collection and wait forever for DALI's threads, which a fork does not copy. Collect it here first."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="module")
