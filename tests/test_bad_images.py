@@ -169,7 +169,8 @@ def odd(tmp_path_factory) -> Path:
     return root
 
 
-ODD_BAD = {"class_000/fifo.jpg": "not a regular file: a FIFO", "class_000/gone.jpg": "not a regular file: a broken link"}
+ODD_BAD = {"class_000/fifo.jpg": "not a regular file: a FIFO",
+           "class_000/gone.jpg": "not a regular file: a broken link"}
 
 
 def test_the_listing_keeps_regular_files_and_each_folder_once(odd, capsys):
