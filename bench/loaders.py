@@ -144,7 +144,7 @@ def run_e2e_mode(args, info: DistInfo, rec: Recorder) -> None:
     cfg = load_config(args.config, args.overrides)
     bs = cfg.train.batch_size
     fresh_start(dev)
-    built = build_fast_step(cfg, info, backend=args.compile_backend)
+    built = build_fast_step(cfg, info, backend=args.compile_backend, trust_pickle=args.trust_pickle)
     batches = synthetic_batches(cfg, dev, 4, bs)
     ref = time_loop(lambda i: built.run(*batches[i % 4], i), dev, args.warmup, args.steps)
     step_ips = bs / (ref["step_ms"]["median"] / 1e3)

@@ -29,18 +29,18 @@ from fdfast.parallelize import wrap_ddp
 from fdfast.trainer import seed_all
 
 
-def official_teacher(cfg: FDConfig, dev: torch.device) -> Teacher:
+def official_teacher(cfg: FDConfig, dev: torch.device, *, trust_pickle: bool = False) -> Teacher:
     """The teacher as the official code runs it: fp16 weights for CLIP on CUDA, explicit-softmax attention
     (CLIP's ``nn.MultiheadAttention`` and the official ViTs compute softmax explicitly)."""
     tcfg = cfg.model.teacher
     if tcfg.kind == "clip" and dev.type == "cuda":
         tcfg = dataclasses.replace(tcfg, fp16_weights=True)
-    teacher = build_teacher(tcfg, cfg.model.student.img_size).to(dev)
+    teacher = build_teacher(tcfg, cfg.model.student.img_size, trust_pickle=trust_pickle).to(dev)
     set_attention_kernel(teacher, "eager")
     return teacher
 
 
-def build_official_step(cfg: FDConfig, info: DistInfo) -> Built:
+def build_official_step(cfg: FDConfig, info: DistInfo, *, trust_pickle: bool = False) -> Built:
     """An official-style step (main_fd.py + models/feature_distillation.py) on the same models and data."""
     dev = info.device
     cuda = dev.type == "cuda"
@@ -48,7 +48,7 @@ def build_official_step(cfg: FDConfig, info: DistInfo) -> Built:
         torch.backends.cudnn.benchmark = True  # main_fd.py sets it
     s = cfg.model.student
     seed_all(cfg.train.seed)
-    teacher = official_teacher(cfg, dev)
+    teacher = official_teacher(cfg, dev, trust_pickle=trust_pickle)
     model = DistillModel(s, teacher.embed_dim).to(dev)
     set_attention_kernel(model.encoder, "eager")
     groups = param_groups(model, cfg.optim, s)

@@ -142,7 +142,7 @@ def run_profile_mode(args, info: DistInfo, rec: Recorder) -> None:
     dev = info.device
     cfg = load_config(args.config, args.overrides)
     fresh_start(dev)
-    built = build_fast_step(cfg, info, backend=args.compile_backend)
+    built = build_fast_step(cfg, info, backend=args.compile_backend, trust_pickle=args.trust_pickle)
     batches = synthetic_batches(cfg, dev, 4, cfg.train.batch_size)
     for i in range(args.warmup):
         built.run(*batches[i % 4], i)

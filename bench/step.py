@@ -29,11 +29,12 @@ from fdfast.tasks import DistillTask
 from fdfast.trainer import build_training, seed_all
 
 
-def build_fast_step(cfg: FDConfig, info: DistInfo, *, backend: Optional[str] = None) -> Built:
+def build_fast_step(cfg: FDConfig, info: DistInfo, *, backend: Optional[str] = None,
+                    trust_pickle: bool = False) -> Built:
     """The fdfast step exactly as the trainer builds it; ``backend`` = compile backend for CPU checks. PHI-S
     teachers estimate their statistics from synthetic batches first, as a run does from its first batches."""
     seed_all(cfg.train.seed)
-    task = DistillTask(cfg, info, compile_backend=backend)
+    task = DistillTask(cfg, info, compile_backend=backend, trust_pickle=trust_pickle)
     if any(slot.phi_s is not None for slot in task.slots):
         task.prepare(synthetic_batches(cfg, info.device, min(4, cfg.model.phi_s_batches), cfg.train.batch_size))
     optimizer, step, schedule = build_training(task, cfg, info, steps_per_epoch=1000)
@@ -102,9 +103,11 @@ def run_step_mode(args, info: DistInfo, rec: Recorder) -> None:
                                   "world_size": info.world_size, "ok": False}
         try:
             if extra is None:
-                built, result["switches"] = build_official_step(cfg, info), {"official": True}
+                built = build_official_step(cfg, info, trust_pickle=args.trust_pickle)
+                result["switches"] = {"official": True}
             else:
-                built, result["switches"] = build_fast_step(cfg, info, backend=args.compile_backend), switches(cfg)
+                built = build_fast_step(cfg, info, backend=args.compile_backend, trust_pickle=args.trust_pickle)
+                result["switches"] = switches(cfg)
             result.update(precision=built.precision, notes=built.notes)
             if "flops_per_img" not in rec.data:  # the same models in every variant: counted once
                 rec.data["flops_per_img"] = step_flops(built, cfg)

@@ -48,13 +48,15 @@ def _flash_only(teacher, precision: str, dev: torch.device) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def target_fidelity(fn, cfg, images: torch.Tensor, precision: str, dev: torch.device) -> dict[str, float]:
+def target_fidelity(fn, cfg, images: torch.Tensor, precision: str, dev: torch.device, *,
+                    trust_pickle: bool = False) -> dict[str, float]:
     """How far the target ``fn`` (e.g. a bf16 teacher) is from the default one (the same teacher file and
     seed, fp32 weights, eager) on ``images``."""
     with autocast(precision, dev):
         fast = fn(images).float().clone()  # a graph's output buffer is overwritten by its next replay
     torch.manual_seed(cfg.train.seed)
-    reference = build_teacher(dataclasses.replace(cfg.model.teacher, bf16=False), cfg.model.student.img_size)
+    reference = build_teacher(dataclasses.replace(cfg.model.teacher, bf16=False), cfg.model.student.img_size,
+                              trust_pickle=trust_pickle)
     with autocast(precision, dev):
         ref = TeacherTarget(reference.to(dev), cfg.model.whiten_eps)(images).float()
     cosine = F.cosine_similarity(fast, ref, dim=-1)
@@ -97,10 +99,11 @@ def run_teacher_mode(args, info: DistInfo, rec: Recorder) -> None:
             cfg = load_config(args.config, [*args.overrides, *(extra or [])])
             torch.manual_seed(cfg.train.seed)
             if extra is None:
-                teacher = official_teacher(cfg, dev)
+                teacher = official_teacher(cfg, dev, trust_pickle=args.trust_pickle)
                 fn, prec = TeacherTarget(teacher, cfg.model.whiten_eps), ("fp16" if cuda else "fp32")
             else:
-                teacher = build_teacher(cfg.model.teacher, cfg.model.student.img_size).to(dev)
+                teacher = build_teacher(cfg.model.teacher, cfg.model.student.img_size,
+                                        trust_pickle=args.trust_pickle).to(dev)
                 fn, prec = build_target(teacher, cfg, dev, args.compile_backend), precision
             label, ran = _what_ran(name, extra, cfg, cuda, prec)
 
@@ -118,7 +121,7 @@ def run_teacher_mode(args, info: DistInfo, rec: Recorder) -> None:
             if cuda and extra is not None:
                 result.update(_flash_only(teacher, prec, dev))
             if extra is not None and cfg.model.teacher.bf16:
-                result.update(target_fidelity(fn, cfg, batches[0][0], prec, dev))
+                result.update(target_fidelity(fn, cfg, batches[0][0], prec, dev, trust_pickle=args.trust_pickle))
             del fn, teacher, call
         except Exception as e:  # noqa: BLE001
             record_failure(result, e)

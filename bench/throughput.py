@@ -46,6 +46,7 @@ from bench.step import run_step_mode  # noqa: E402
 from bench.teacher import TEACHER_VARIANTS, run_teacher_mode  # noqa: E402
 from fdfast.cli.common import exit_code, int_at_least  # noqa: E402
 from fdfast.config import load_config  # noqa: E402
+from fdfast.constants import TRUST_SWITCH  # noqa: E402
 from fdfast.distributed import init_distributed, shutdown  # noqa: E402
 
 MODES = {"step": run_step_mode, "teacher": run_teacher_mode, "loader": run_loader_mode, "e2e": run_e2e_mode,
@@ -84,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend override (default inductor; aot_eager for quick CPU checks)")
     p.add_argument("--json", default=None, metavar="PATH", help="write results here (rewritten after each variant)")
+    p.add_argument(TRUST_SWITCH, dest="trust_pickle", action="store_true",
+                   help="allow teacher files that pickle code (runs it: only files you trust)")
     args = p.parse_args(argv)
     if args.profile:
         args.mode = "profile"

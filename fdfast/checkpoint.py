@@ -107,6 +107,25 @@ def make_folder(folder: str | os.PathLike) -> Path:
     return folder
 
 
+def missing_folders(folder: str | os.PathLike) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, deepest first: what :func:`make_folder` is about
+    to create, so that a command refused before its work can remove them again (:func:`remove_empty_folders`)."""
+    missing, path = [], Path(folder).absolute()
+    while not path.exists() and not path.is_symlink() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty: a refused command leaves no empty output folder."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (something else writes there), or gone already
+            return
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary name in ``path``'s folder, fsync it, then rename to ``path``.
 
@@ -134,24 +153,41 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
 
 
 class _HashingFile:
-    """A write-only file wrapper that hashes what passes through (torch.save only calls write/flush)."""
+    """A write-only file wrapper that hashes what passes through (torch.save only calls write/flush) and
+    keeps the first write error, which torch's zip writer replaces by its own ``RuntimeError``."""
 
     def __init__(self, f):
         self.f, self.sha = f, hashlib.sha256()
+        self.error: Optional[OSError] = None
 
     def write(self, data) -> int:
         self.sha.update(data)
-        return self.f.write(data)
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
 
     def flush(self) -> None:
         self.f.flush()
 
 
 def _save_hashed(path: Path, obj: Any) -> dict:
-    """torch.save ``obj`` to ``path`` (fsynced); returns ``{"size", "sha256"}`` of the bytes written."""
+    """torch.save ``obj`` to ``path`` (fsynced); returns ``{"size", "sha256"}`` of the bytes written. Any
+    failure to write (a full disk included) is an ``OSError``, whatever torch's writer turned it into."""
     with open(path, "wb") as f:
         h = _HashingFile(f)
-        torch.save(obj, h)
+        try:
+            torch.save(obj, h)
+        except RuntimeError as e:
+            # ENOSPC inside the zip writer surfaces as "RuntimeError: ... unexpected pos N vs M"
+            cause = h.error or next((c for c in (e.__cause__, e.__context__) if isinstance(c, OSError)), None)
+            if cause is not None:
+                raise cause from None
+            if "unexpected pos" in str(e) or "PytorchStreamWriter" in str(e):
+                raise OSError(errno.EIO, f"the file was not written completely ({str(e).strip().splitlines()[0]})"
+                              ) from None
+            raise
         f.flush()
         os.fsync(f.fileno())
     return {"size": path.stat().st_size, "sha256": h.sha.hexdigest()}

@@ -4,7 +4,9 @@
   the life of the process. The kernel releases it when the process dies (kill -9 included), so a stale
   lock never blocks a rerun. A second ``fdfast-train`` on the same folder exits 2 naming the holder's
   PID. (``flock`` on network filesystems is only as good as their lock support; NFSv4 and Lustre with
-  ``flock`` mounts honour it.)
+  ``flock`` mounts honour it.) A run refused before it wrote anything of value leaves the folder as it found
+  it (:meth:`RunLock.release` with ``restore``): what it added (the lock file, ``config.yaml``,
+  ``tensorboard/``, ...) is removed, and so is a folder it created.
 * :class:`StopRequest` — SIGTERM, SIGINT and SIGUSR1 (what SLURM, Kubernetes and Ctrl-C send) set a flag
   instead of killing the process; the trainer finishes the current step, all ranks agree, a checkpoint
   is written and the process exits with :data:`EXIT_PREEMPTED`. A second SIGINT interrupts at once.
@@ -18,11 +20,13 @@ from __future__ import annotations
 import fcntl
 import multiprocessing
 import os
+import shutil
 import signal
 import threading
 from pathlib import Path
 from typing import Optional
 
+from .checkpoint import missing_folders, remove_empty_folders
 from .errors import OutputNotWritable, UserError
 
 EXIT_PREEMPTED = 4
@@ -61,10 +65,18 @@ class RunLock:
     def __init__(self, output_dir: str | os.PathLike):
         self.path = Path(output_dir) / self.NAME
         self._fd: Optional[int] = None
+        self._created: list[Path] = []   # folders acquire() created, deepest first
+        self._found: Optional[set[str]] = None   # the folder's entries when it was locked
 
     def acquire(self) -> None:
+        folder = self.path.parent
+        self._created = missing_folders(folder)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._found = {p.name for p in folder.iterdir()} if not self._created else set()
+        except OSError:
+            self._found = None  # unknown: a refused run then leaves everything in place
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise OutputNotWritable(f"train.output_dir={str(self.path.parent)!r} is not writable ({e.strerror}); "
@@ -80,10 +92,26 @@ class RunLock:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
 
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor releases the flock
-            self._fd = None
+    def release(self, *, restore: bool = False) -> None:
+        """Unlock; ``restore``: the run was refused before it wrote anything of value, so remove what it added
+        to the folder (see the module docstring): only this run wrote there while it held the lock."""
+        if self._fd is None:
+            return
+        restore = restore and self._found is not None
+        if restore:
+            for entry in self.path.parent.iterdir():
+                if entry.name in self._found or entry == self.path:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+            if self.NAME not in self._found:
+                self.path.unlink(missing_ok=True)  # while still locked: no other run holds this file
+        os.close(self._fd)  # closing the descriptor releases the flock
+        self._fd = None
+        if restore:
+            remove_empty_folders(self._created)
 
 
 class StopRequest:

@@ -9,6 +9,9 @@
   Keys that change the model, the data geometry, the augmentation, the optimizer or the schedule are
   refused with a diff (exit 2) unless ``fdfast-train --allow-config-change`` is given; the keys in
   :data:`FREE_KEYS` (cadences, stop step, loaders' speed knobs, kernels, paths) may change and are logged.
+  The keys in :data:`ARCH_KEYS` (the shapes of the saved weights, the task) are refused even with the switch:
+  the checkpoint's weights cannot continue as another network. Keys only the command line may set
+  (``model.trust_pickle`` of earlier versions) are dropped from the saved config unread.
 * **World size.** The data position is counted in images: ``(step within epoch) x total batch`` of the
   run that wrote the checkpoint, mapped onto the new total batch. Under the torchvision and nvJPEG
   backends the ranks' shards interleave one global permutation, so the images left in the epoch are
@@ -24,16 +27,27 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .checkpoint import CheckpointLoadError, find_latest, list_checkpoints, valid_checkpoints, verify
+from .config.load import without_command_line_keys
+from .interop.conversion import shape_mismatches, state_dict_mismatch
+from .interop.reading import fmt_keys
 from .errors import UserError
 
 # Keys that may differ between the checkpoint's config and the rerun's (prefix match on dotted keys).
 FREE_KEYS = (
     "log.", "checkpoint.", "compile.", "train.max_steps", "train.eval_every", "train.output_dir", "train.resume",
     "train.tf32", "train.cudnn_benchmark", "train.channels_last", "train.precision", "model.attention",
-    "model.trust_pickle", "model.pretrained", "model.grad_checkpointing", "model.teacher.bf16", "data.train",
+    "model.pretrained", "model.grad_checkpointing", "model.teacher.bf16", "data.train",
     "data.val", "data.backend", "data.num_classes",  # a classifier's class count is guarded as its head's size
     "data.num_workers", "data.prefetch", "data.ffcv_os_cache", "data.ffcv_order", "data.dali_hw_decoder_load",
     "data.on_bad_image", "train.knn_", "data.knn_",
+)
+# Keys that change what the saved weights are (their shapes, the teacher they regress, the task): refused
+# even under --allow-config-change, which is for optimizer and schedule changes.
+ARCH_KEYS = (
+    "model.student.arch", "model.student.img_size", "model.student.patch_size", "model.student.embed_dim",
+    "model.student.depth", "model.student.num_heads", "model.student.window_size", "model.student.mlp_ratio",
+    "model.student.shared_rel_pos_bias", "model.student.num_classes", "model.teacher.kind", "model.teacher.model",
+    "model.teacher.model_kwargs", "model.teacher.img_size", "train.task",
 )
 
 
@@ -62,10 +76,17 @@ def config_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
 
 def check_config_drift(old: Optional[dict], new: dict, *, allow: bool, where: Path,
                        log: Callable[[str], None]) -> None:
-    """Raise :class:`ConfigDrift` naming every refused change (unless ``allow``); log the allowed ones."""
+    """Raise :class:`ConfigDrift` naming every refused change (unless ``allow``; architecture changes
+    whatever ``allow`` says); log the allowed ones."""
     if not old:
         return
-    changes = config_changes(old, new)
+    changes = config_changes(without_command_line_keys(old), new)
+    arch = [c for c in changes if c[0] in ARCH_KEYS]
+    if arch:
+        diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in arch)
+        raise ConfigDrift(f"the config changes the architecture {where} was trained with: {diff}. Its weights "
+                          "cannot continue as another network (--allow-config-change covers optimizer and schedule "
+                          "changes only): restore these keys, or start a new train.output_dir")
     refused = [c for c in changes if not c[0].startswith(FREE_KEYS)]
     for key, a, b in changes:
         if (key, a, b) not in refused or allow:
@@ -75,6 +96,26 @@ def check_config_drift(old: Optional[dict], new: dict, *, allow: bool, where: Pa
         raise ConfigDrift(f"the config differs from the one {where} was trained with: {diff}. These keys change "
                           "the model, data geometry, augmentation or optimizer; restore them, start a new "
                           "train.output_dir, or pass --allow-config-change to continue anyway")
+
+
+def check_state_fits(state: dict, model: Any, optimizer: Any, *, where: Path) -> None:
+    """Raise :class:`ConfigDrift` when the checkpoint's weights or optimizer state do not fit what this config
+    builds (a change the config comparison lets through, e.g. under --allow-config-change), instead of the
+    ``load_state_dict`` traceback: the first mismatching keys and shapes, or the parameter groups."""
+    saved, mine = state.get("model") or {}, model.state_dict()
+    missing, unexpected = state_dict_mismatch(saved, mine)
+    shapes = list(shape_mismatches(saved, mine).values())
+    if missing or unexpected or shapes:
+        what = "; ".join(f"{n} {fmt_keys(keys, 3)}" for n, keys in (("shapes differ:", shapes), ("missing:", missing),
+                                                                   ("unexpected:", unexpected)) if keys)
+        raise ConfigDrift(f"{where} holds the weights of another network than this config builds ({what}); "
+                          "restore the model keys it was trained with, or start a new train.output_dir")
+    groups = [len(g["params"]) for g in optimizer.state_dict()["param_groups"]]
+    old = [len(g["params"]) for g in (state.get("optimizer") or {}).get("param_groups", [])]
+    if groups != old:
+        raise ConfigDrift(f"the optimizer's parameter groups ({len(groups)}) differ from those {where} was trained "
+                          f"with ({len(old)}): optim.layer_decay or the weight-decay exemptions changed, and AdamW's "
+                          "saved moments cannot follow; restore them, or start a new train.output_dir")
 
 
 def archive_config(path: Path, new_text: str) -> Optional[Path]:

@@ -34,7 +34,7 @@ from .guard import RunLock, StopRequest
 from .logging import Progress, append_jsonl, log
 from .tracking import Tracker, device_peak_memory_gib, run_environment
 from .optim import Schedule, build_optimizer
-from .resume import archive_config, check_config_drift, choose_checkpoint, map_position
+from .resume import archive_config, check_config_drift, check_state_fits, choose_checkpoint, map_position
 from .step import TrainStep, resolve_precision
 from .tasks import TASKS, EvaluationStopped, Task
 from .tasks.classes import resolve_num_classes
@@ -55,12 +55,13 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_task(cfg: FDConfig, info: DistInfo, compile_backend: Optional[str] = None) -> Task:
+def build_task(cfg: FDConfig, info: DistInfo, compile_backend: Optional[str] = None, *,
+               trust_pickle: bool = False) -> Task:
     """The task of ``train.task``; ``compile_backend`` (distillation only) is for CPU checks of the
-    compiled path."""
+    compiled path; ``trust_pickle`` (the command line's ``--trust-pickle``) allows model files that pickle code."""
     if cfg.train.task == "distill":
-        return TASKS["distill"](cfg, info, compile_backend=compile_backend)
-    return TASKS[cfg.train.task](cfg, info)
+        return TASKS["distill"](cfg, info, compile_backend=compile_backend, trust_pickle=trust_pickle)
+    return TASKS[cfg.train.task](cfg, info, trust_pickle=trust_pickle)
 
 
 def build_training(task: Task, cfg: FDConfig, info: DistInfo, steps_per_epoch: int,
@@ -101,8 +102,9 @@ class Trainer:
     """Builds a run from its config (task, loader, optimizer, step, schedule) and trains it with
     :meth:`fit`. Every rank builds the same :class:`Trainer`; rank 0 writes the shared files."""
 
-    def __init__(self, cfg: FDConfig, info: Optional[DistInfo] = None, *, allow_config_change: bool = False):
-        self.cfg, self.allow_config_change = cfg, allow_config_change
+    def __init__(self, cfg: FDConfig, info: Optional[DistInfo] = None, *, allow_config_change: bool = False,
+                 trust_pickle: bool = False):
+        self.cfg, self.allow_config_change, self.trust_pickle = cfg, allow_config_change, trust_pickle
         self.info = info = info or init_distributed()
         self.out = Path(cfg.train.output_dir)
         self.lock = RunLock(self.out)
@@ -116,7 +118,7 @@ class Trainer:
         try:
             self._build()
         except BaseException:
-            self.lock.release()
+            self.lock.release(restore=True)  # refused before any work: leave the folder as it was found
             raise
 
     def _build(self) -> None:
@@ -126,7 +128,7 @@ class Trainer:
 
         # Same init on every rank (DDP also broadcasts rank 0's weights), then per-rank streams.
         seed_all(tr.seed)
-        self.task = build_task(cfg, info)
+        self.task = build_task(cfg, info, trust_pickle=self.trust_pickle)
         seed_all(tr.seed + info.rank)
 
         self.loader = pipelines.build_loader(cfg.data, train=True, batch_size=tr.batch_size,
@@ -195,6 +197,7 @@ class Trainer:
                 if chosen is not None:
                     check_config_drift(state.get("config"), to_dict(self.cfg), allow=self.allow_config_change,
                                        where=chosen, log=log)
+                    check_state_fits(state, self.task.model, self.optimizer, where=chosen)
             except UserError as e:
                 error = e
         _agreed_error(error, "choosing the checkpoint to resume from")
@@ -237,6 +240,10 @@ class Trainer:
         try:
             with StopRequest() as stop:
                 return self._fit(stop)
+        except BaseException:
+            # stopped before it wrote a checkpoint or a metric: leave the folder as it was found
+            self.lock.release(restore=not (self.metrics_path.exists() or ckpt.ckpt_root(self.out).exists()))
+            raise
         finally:
             self.lock.release()
 
@@ -372,10 +379,10 @@ class Trainer:
 
 
 def train(cfg: FDConfig, info: Optional[DistInfo] = None, on_end: Optional[Callable[[Task], None]] = None, *,
-          allow_config_change: bool = False) -> dict[str, Any]:
+          allow_config_change: bool = False, trust_pickle: bool = False) -> dict[str, Any]:
     """Run (or resume) the configured task; returns a summary dict. ``on_end(task)`` is called on
     every rank after the final checkpoint (tests use it to compare ranks' in-memory weights)."""
-    trainer = Trainer(cfg, info, allow_config_change=allow_config_change)
+    trainer = Trainer(cfg, info, allow_config_change=allow_config_change, trust_pickle=trust_pickle)
     summary = trainer.fit()
     if on_end is not None:
         on_end(trainer.task)

@@ -33,7 +33,7 @@ from fdfast.errors import MissingDependency, UserError
 from fdfast.logging import log
 
 __all__ = ["CROP_RATIO", "BadImages", "CountedLoader", "DataError", "Loader", "LoaderRequest", "MissingDependency",
-           "check_batch", "empty_batch", "keep_per_class", "pad_eval_batch"]
+           "batches_in_flight", "check_batch", "empty_batch", "keep_per_class", "pad_eval_batch"]
 
 # Distillation / fine-tune RandomResizedCrop ranges (torchvision defaults, used by FD).
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -110,6 +110,12 @@ def keep_per_class(labels: Sequence[int], per_class: int) -> list[int]:
         n, m = len(members), min(per_class, len(members))
         keep += [members[j * n // m] for j in range(m)]
     return sorted(keep)
+
+
+def batches_in_flight(data: DataConfig) -> int:
+    """Batches a backend may have read ahead of the one it hands out (the prefetch queue and the batch being
+    decoded): where a bad file found in one batch sends it looking for more, so one error names them all."""
+    return max(1, data.prefetch) + 2
 
 
 def usable_cores() -> int:

@@ -11,7 +11,8 @@ from torchvision.datasets.folder import find_classes
 from fdfast.config.data import DataConfig
 
 from .base import DataError, MissingDependency
-from .ffcv import INSTALL_HINT, FFCVLoader
+from .beton import check_beton
+from .ffcv import INSTALL_HINT
 from .folder import LAYOUT
 
 
@@ -29,18 +30,13 @@ def folder_classes(root: str, key: str) -> int:
 def beton_classes(path: str, key: str) -> int:
     """One more than the largest label of an FFCV file (checked as the FFCV backend checks it)."""
     try:
-        from ffcv.reader import Reader  # optional dependency
+        import ffcv.types  # noqa: F401 - optional dependency, whose dtypes the check reads the file with
     except (ImportError, OSError) as e:
         raise MissingDependency(f"{key}='{path}' is a .beton, whose classes FFCV reads, and ffcv failed to import "
                                 f"({type(e).__name__}: {e}); {INSTALL_HINT}") from e
     if not Path(path).is_file():
         raise DataError(f"{key}='{path}' does not exist (build it with fdfast-convert)")
-    FFCVLoader._check_file(Path(path), key)  # a whole fdfast-convert file, or one line saying what it is not
-    reader = Reader(str(path))
-    labels = reader.metadata[f"f{reader.field_names.index('label')}"]
-    if not len(labels):
-        raise DataError(f"{key}='{path}' holds no images")
-    return int(labels.max()) + 1
+    return int(check_beton(path, key).max()) + 1  # check_beton refuses a file without samples
 
 
 def data_classes(data: DataConfig) -> int | None:

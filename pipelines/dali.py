@@ -62,7 +62,7 @@ import torch
 from fdfast.config.data import DataConfig
 
 from .base import (CROP_RATIO, BadImages, CountedLoader, DataError, LoaderRequest, MissingDependency,
-                   usable_cores)
+                   batches_in_flight, usable_cores)
 from .folder import decode_fully, find_undecodable, list_image_folder, next_readable
 
 INSTALL_HINT = "install DALI with `pip install 'fdfast[dali]'` (nvidia-dali-cuda120), or in a source checkout `bash scripts/install_optional_deps.sh .venv/bin/python`"
@@ -142,12 +142,14 @@ class DALILoader(CountedLoader):
         pipeline_def, _, self._Iterator, self._Policy = _import_dali()
         self.data, self.request = data, request
         path = request.source(data)
-        listing = list_image_folder(path, request.key)
+        # DALI decodes whatever a header says: the listing holds every image to the pixel limit first
+        listing = list_image_folder(path, request.key, check_pixels=True)
         self.root, self.classes, self.samples = listing.root, listing.classes, listing.samples
         keep = request.subset([y for _, y in self.samples])
         if keep is not None:
             self.samples = [self.samples[i] for i in keep]
         self.bad_images = BadImages(data.on_bad_image, path, request.key)
+        self.bad_images.handle(listing.bad)     # left out of the file list: DALI never opens them
         broken = [p for p, _ in self.samples if "\n" in p]
         if broken:
             raise DataError(f"file name with a line break cannot be handed to DALI: {broken[0]!r}; rename it")
@@ -284,7 +286,7 @@ class DALILoader(CountedLoader):
     def _explain(self, error: RuntimeError, shard: np.ndarray, consumed: int) -> Exception:
         """DALI's decode errors do not reliably name the file: look for it among the batches in flight."""
         bs = self.request.batch_size
-        in_flight = shard[consumed * bs:(consumed + max(1, self.data.prefetch) + 2) * bs]
+        in_flight = shard[consumed * bs:(consumed + batches_in_flight(self.data)) * bs]
         read = {self.samples[i][0]: i for i in self._source[in_flight]}
         bad = [(read[p], why) for p, why in find_undecodable(list(read))]
         if bad:

@@ -32,6 +32,8 @@ Pitfalls handled here (see FFCV issues #350/#396 and the notes in the project do
 * ``Loader()`` and every epoch call ``torch.set_num_threads(num_workers)``: we restore the caller's
   value.
 * Batches are views into buffers FFCV reuses ``prefetch + 2`` batches later: clone what you keep.
+* FFCV trusts the numbers in a file (a damaged header aborts the process): :func:`pipelines.beton.check_beton`
+  checks the layout first.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ import torch
 from fdfast.config.data import DataConfig
 
 from .base import CROP_RATIO, CountedLoader, DataError, LoaderRequest, MissingDependency, usable_cores
+from .beton import check_beton
 
 INSTALL_HINT = "install FFCV with `pip install 'fdfast[ffcv]' && pip install --no-deps ffcv==1.0.2` (it compiles: needs a C++ compiler, pkg-config, libturbojpeg and OpenCV, see the README's Install section), or in a source checkout `bash scripts/install_optional_deps.sh .venv/bin/python`"
 
@@ -171,9 +174,9 @@ class FFCVLoader(CountedLoader):
         label_ops = [decoders.IntDecoder(), transforms.ToTensor(), transforms.Squeeze(1),
                      transforms.ToDevice(request.device, non_blocking=True)]
 
-        reader = self._check_file(path, key)
-        keep = request.subset(reader.metadata[f"f{reader.field_names.index('label')}"])
-        pool = np.arange(reader.num_samples, dtype=np.uint64) if keep is None else np.array(keep, dtype=np.uint64)
+        labels = check_beton(path, key)    # before FFCV reads any of it
+        keep = request.subset(labels)
+        pool = np.arange(len(labels), dtype=np.uint64) if keep is None else np.array(keep, dtype=np.uint64)
         self._num_samples = n_total = len(pool)
         OrderOption = loader_mod.OrderOption
         if request.train:
@@ -211,28 +214,6 @@ class FFCVLoader(CountedLoader):
         if (dist.get_rank(), dist.get_world_size()) != (request.rank, request.world_size):
             raise RuntimeError(f"loader request says rank {request.rank}/{request.world_size} but the process "
                                f"group says {dist.get_rank()}/{dist.get_world_size()}")
-
-    @staticmethod
-    def _check_file(path: Path, key: str):
-        """The file's FFCV ``Reader``, after checking it is a whole FFCV file with fdfast-convert's fields."""
-        from ffcv.reader import Reader
-
-        rebuild = f"rebuild it with fdfast-convert IMAGE_FOLDER {path}"
-        try:
-            reader = Reader(str(path))
-        except Exception as e:  # noqa: BLE001 - FFCV fails in many ways on a foreign or truncated file
-            raise DataError(f"{key}='{path}' is not a readable FFCV file ({type(e).__name__}: {e}); "
-                            f"{rebuild}") from None
-        missing = {"image", "label"} - set(reader.handlers)
-        if missing:
-            raise DataError(f"{key}='{path}' lacks the field(s) {sorted(missing)}; fdfast expects the 'image' and "
-                            f"'label' fields written by fdfast-convert: {rebuild}")
-        table = reader.alloc_table
-        end = int((table["ptr"] + table["size"]).max()) if len(table) else 0
-        if end > path.stat().st_size:    # reading past the end of a memory-mapped file is a SIGBUS, not an error
-            raise DataError(f"{key}='{path}' is truncated ({path.stat().st_size} bytes, its samples reach byte "
-                            f"{end}); {rebuild}")
-        return reader
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Sample indices this rank reads in ``epoch`` (before the drop-last cut), from (seed, epoch)."""

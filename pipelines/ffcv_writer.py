@@ -12,8 +12,12 @@ Why the extra care around ``ffcv.writer.DatasetWriter``:
 
 * FFCV allocates one metadata slot per sample before writing, and a worker that raises on a sample
   dies while the parent polls its progress counter forever. So every file is decoded once up front
-  (:func:`pipelines.folder.check_images`); unreadable, truncated or non-image files are skipped and
-  listed (``strict``: the run stops and names the file) before anything is written.
+  (:func:`pipelines.folder.check_images`); unreadable, truncated, non-image files and images over the
+  pixel limit are skipped and listed (``strict``: the run stops and names the file, and removes the output
+  folders it created) before anything is written. Names that are no regular files (a FIFO) come from the
+  listing and are never opened.
+* A stop request is acted on at least every 0.1 s while checking, even when a worker hangs on a file.
+* The written file is read back through :func:`pipelines.beton.check_beton` before it gets its name.
 * The writer's collection loop is replaced (:func:`_writer_class`, which names the upstream defects).
 * The file is written under a temporary name by :func:`fdfast.checkpoint.atomic_write` and renamed only
   once complete and readable, so a ``.beton`` that exists is a whole one; on errors, Ctrl-C or SIGTERM the
@@ -37,14 +41,14 @@ from multiprocessing import Process, Queue, Value
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from rich.console import Console
 from rich.markup import escape
 
-from fdfast.checkpoint import atomic_write, make_folder
+from fdfast.checkpoint import atomic_write, make_folder, missing_folders, remove_empty_folders
 
 from .base import DataError
-from .folder import ProgressBars, check_images, ignore_signals, list_image_folder
+from .beton import check_beton
+from .folder import ProgressBars, check_images, ignore_signals, list_image_folder, load_rgb
 
 SPLITS = ("train", "val")
 WRITE_MODES = ("raw", "jpg", "smart", "proportion")
@@ -145,9 +149,7 @@ class FolderSamples:
         # RGBImageField(write_mode='proportion') flips a coin with np.random right after this call
         np.random.seed([self.seed, index])
         path, label = self.samples[index]
-        with Image.open(path) as im:
-            rgb = im.convert("RGB")         # grayscale / RGBA / palette -> RGB, as ImageFolder does
-        return rgb, label
+        return load_rgb(path), label        # grayscale / RGBA / palette -> RGB, as ImageFolder does
 
 
 def _run_writer_worker(work_fn: Callable, *args) -> None:
@@ -262,20 +264,27 @@ def _select(src: Path, max_images: int | None):
     return listing, samples
 
 
-def _check(paths: list[str], *, workers: int, strict: bool, progress: ProgressBars, label: str
-           ) -> tuple[dict[str, tuple[int, int]], list[tuple[str, str]]]:
-    """``({path: (w, h)} of the decodable files, sorted [(path, reason)] of the others)``."""
+def _refuse(path: str, reason: str) -> BadImageError:
+    return BadImageError(f"cannot read image '{path}' ({reason}); remove or replace it, or drop --strict to skip "
+                         "unreadable files")
+
+
+def _check(paths: list[str], listed_bad: list[tuple[str, str]], *, workers: int, strict: bool,
+           progress: ProgressBars, label: str) -> tuple[dict[str, tuple[int, int]], list[tuple[str, str]]]:
+    """``({path: (w, h)} of the decodable files, sorted [(path, reason)] of the others)``; ``listed_bad``:
+    what the listing already found (files that are no regular files), never opened."""
+    if strict and listed_bad:
+        raise _refuse(*listed_bad[0])
     sizes: dict[str, tuple[int, int]] = {}
-    bad: list[tuple[str, str]] = []
+    bad: list[tuple[str, str]] = list(listed_bad)
     # closing(): leaving early must stop the worker pool now, not when the traceback lets go of the generator
-    with contextlib.closing(check_images(paths, workers=workers, progress=progress, label=label)) as results:
+    with contextlib.closing(check_images(paths, workers=workers, progress=progress, label=label,
+                                         poll=check_stop)) as results:
         for path, reason, size in results:
-            check_stop()
             if reason is None:
                 sizes[path] = size
             elif strict:
-                raise BadImageError(f"cannot read image '{path}' ({reason}); remove or replace it, "
-                                    "or drop --strict to skip unreadable files")
+                raise _refuse(path, reason)
             else:
                 bad.append((path, reason))
     return sizes, sorted(bad)
@@ -294,11 +303,11 @@ def check_folder(src: str | os.PathLike, *, console: Console | None = None, num_
     t0 = time.perf_counter()
     listing, samples = _select(src, max_images)
     with ProgressBars(console) as progress:
-        sizes, bad = _check([p for p, _ in samples], workers=_workers(num_workers, len(samples)), strict=False,
-                            progress=progress, label=f"check {src.name}")
+        sizes, bad = _check([p for p, _ in samples], listing.bad, workers=_workers(num_workers, len(samples)),
+                            strict=False, progress=progress, label=f"check {src.name}")
     _report_bad(console, bad, "unreadable")
     return ConvertResult(out=src, images=len(sizes), classes=len(listing.classes), bytes=0,
-                         seconds=time.perf_counter() - t0, skipped=bad, ignored=listing.ignored_files())
+                         seconds=time.perf_counter() - t0, skipped=bad, ignored=listing.ignored)
 
 
 def convert_folder(src: str | os.PathLike, out: str | os.PathLike, *, console: Console | None = None,
@@ -309,7 +318,6 @@ def convert_folder(src: str | os.PathLike, out: str | os.PathLike, *, console: C
     """Write the ImageFolder ``src`` to the FFCV file ``out``; see the module docstring."""
     try:
         from ffcv.fields import IntField, RGBImageField
-        from ffcv.reader import Reader
     except (ImportError, OSError) as e:
         raise DataError(f"FFCV is not installed ({e}); {INSTALL_HINT}") from None
 
@@ -320,40 +328,46 @@ def convert_folder(src: str | os.PathLike, out: str | os.PathLike, *, console: C
     if write_mode not in WRITE_MODES:
         raise DataError(f"--write-mode {write_mode!r} is not one of {', '.join(WRITE_MODES)}")
     listing, samples = _select(src, max_images)
+    created = missing_folders(out.parent)
     make_folder(out.parent)  # before decoding every image, not after
     workers = _workers(num_workers, len(samples))
-    with ProgressBars(console) as progress:
-        sizes, skipped = _check([p for p, _ in samples], workers=workers, strict=strict, progress=progress,
-                                label=f"check {src.name}")
-        good = [(p, y) for p, y in samples if p in sizes]
-        if not good:
-            raise DataError(f"none of the {len(samples)} images in '{src}' could be read "
-                            f"(first error: {skipped[0][0]}: {skipped[0][1]})")
-        _report_bad(console, skipped, "skipped")
-        image_field = RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
-                                    jpeg_quality=jpeg_quality, compress_probability=compress_probability)
-        task = progress.add_task(f"write {out.name}", total=len(good))
+    try:
+        with ProgressBars(console) as progress:
+            sizes, skipped = _check([p for p, _ in samples], listing.bad, workers=workers, strict=strict,
+                                    progress=progress, label=f"check {src.name}")
+            good = [(p, y) for p, y in samples if p in sizes]
+            if not good:
+                raise DataError(f"none of the {len(samples)} images in '{src}' could be read "
+                                f"(first error: {skipped[0][0]}: {skipped[0][1]})")
+            _report_bad(console, skipped, "skipped")
+            image_field = RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
+                                        jpeg_quality=jpeg_quality, compress_probability=compress_probability)
+            task = progress.add_task(f"write {out.name}", total=len(good))
 
-        def on_progress(done: int) -> None:
-            progress.update(task, completed=done)
-            check_stop()
+            def on_progress(done: int) -> None:
+                progress.update(task, completed=done)
+                check_stop()
 
-        def write(tmp: Path) -> None:
-            writer = _writer_class()(str(tmp), {"image": image_field, "label": IntField()},
-                                     page_size=_page_size(list(sizes.values()), max_resolution), num_workers=workers)
-            writer.on_progress = on_progress
-            writer.from_indexed_dataset(FolderSamples(good, seed),
-                                        chunksize=max(1, min(chunk_size, math.ceil(len(good) / (4 * workers)))))
-            n = int(Reader(str(tmp)).num_samples)    # a file we cannot read back must not get the final name
-            if n != len(good):
-                raise RuntimeError(f"{tmp} holds {n} samples, expected {len(good)}")
-            check_stop()
+            def write(tmp: Path) -> None:
+                writer = _writer_class()(str(tmp), {"image": image_field, "label": IntField()},
+                                         page_size=_page_size(list(sizes.values()), max_resolution),
+                                         num_workers=workers)
+                writer.on_progress = on_progress
+                writer.from_indexed_dataset(FolderSamples(good, seed),
+                                            chunksize=max(1, min(chunk_size, math.ceil(len(good) / (4 * workers)))))
+                n = len(check_beton(tmp, "OUT"))    # a file that does not read back must not get the final name
+                if n != len(good):
+                    raise RuntimeError(f"{tmp} holds {n} samples, expected {len(good)}")
+                check_stop()
 
-        _remove_stale_temps(out)
-        atomic_write(out, write)
-        progress.update(task, completed=len(good))
+            _remove_stale_temps(out)
+            atomic_write(out, write)
+            progress.update(task, completed=len(good))
+    except BaseException:
+        remove_empty_folders(created)  # a refused or stopped conversion leaves no empty output folder behind
+        raise
     return ConvertResult(out=out, images=len(good), classes=len(listing.classes), bytes=out.stat().st_size,
-                         seconds=time.perf_counter() - t0, skipped=skipped, ignored=listing.ignored_files())
+                         seconds=time.perf_counter() - t0, skipped=skipped, ignored=listing.ignored)
 
 
 def plan_jobs(src: Path, out: Path | None, splits: Sequence[str] | None) -> list[tuple[Path, Path | None]]:

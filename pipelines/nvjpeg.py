@@ -155,6 +155,8 @@ def _to_uint8_(x: torch.Tensor) -> torch.Tensor:
 
 
 class NvJPEGLoader(_ShardedFolderLoader):
+    check_pixels = True   # nvJPEG decodes whatever a header says: the listing holds it to the pixel limit first
+
     def __init__(self, data: DataConfig, request: LoaderRequest):
         dev = request.device
         if dev.type == "cuda" and dev.index is None:  # the producer thread needs an explicit index

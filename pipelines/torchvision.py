@@ -10,8 +10,11 @@ Determinism: the sampler permutes indices from ``(seed, epoch)`` and hands each 
 seed, so augmentations do not depend on worker count or scheduling, and ``set_epoch(e, k)`` resumes
 exactly at batch k. Sharding: rank r takes every world-th index; training drops the remainder so all
 ranks have equal length; evaluation pads with black images labelled -1 that metrics must ignore, so
-nothing is counted twice. A file PIL cannot decode is handled as ``data.on_bad_image`` says
-(:class:`pipelines.base.BadImages`): the worker reports it with the batch, the loader raises or logs it.
+nothing is counted twice. A file PIL cannot decode (or one over the pixel limit of
+:func:`pipelines.folder.open_image`) is handled as ``data.on_bad_image`` says (:class:`pipelines.base.BadImages`):
+the worker reports it with the batch, the loader raises or logs it; ``error`` first decodes the batches in
+flight too, as the DALI backend does, so the message names every bad file found there. Files the listing
+found to be no regular files (a FIFO) are handled the same way before the first batch, and never opened.
 """
 from __future__ import annotations
 
@@ -24,13 +27,12 @@ from timm.data import auto_augment as aa
 from timm.data.transforms import str_to_pil_interp
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
-from torchvision.datasets.folder import pil_loader
 
 from fdfast.config.data import DataConfig
 from fdfast.guard import leave_stop_signals_to_the_parent
 
-from .base import CROP_RATIO, BadImages, LoaderRequest
-from .folder import list_image_folder, next_readable, why_undecodable
+from .base import CROP_RATIO, BadImages, LoaderRequest, batches_in_flight
+from .folder import find_undecodable, list_image_folder, load_rgb, next_readable, why_undecodable
 
 _INTERP = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
 
@@ -93,12 +95,12 @@ class _Folder(Dataset):
         if index < 0:
             return self.blank(), -1, bad
         try:
-            img = pil_loader(self.samples[index][0])
+            img = load_rgb(self.samples[index][0])
         except Exception as e:  # noqa: BLE001 - reported to the loader, which applies data.on_bad_image
             bad.append((self.samples[index][0], why_undecodable(self.samples[index][0], e)))
             if not (self.skip and self.train):
                 return self.blank(), -1, bad
-            index, img = next_readable(self.samples, index + 1, pil_loader, bad)
+            index, img = next_readable(self.samples, index + 1, load_rgb, bad)
         # per-sample RNG: augmentation depends on (seed, epoch, index) only
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed)
@@ -144,17 +146,21 @@ class _ShardSampler(Sampler):
 class _ShardedFolderLoader:
     """The contract's bookkeeping shared by the ImageFolder backends (this one and ``pipelines.nvjpeg``):
     the folder listing, its :class:`_ShardSampler` (order, shards, per-sample seeds, eval padding), the
-    bad-image policy, and ``len``, ``set_epoch``, ``num_samples`` and ``classes`` derived from them."""
+    bad-image policy, and ``len``, ``set_epoch``, ``num_samples`` and ``classes`` derived from them.
+    ``check_pixels``: the listing reads every header for the pixel limit (decoders that do not apply it)."""
+
+    check_pixels = False
 
     def __init__(self, data: DataConfig, request: LoaderRequest):
         self.data, self.request = data, request
         path = request.source(data)
-        self.listing = list_image_folder(path, request.key)
+        self.listing = list_image_folder(path, request.key, check_pixels=self.check_pixels)
         self.samples = self.listing.samples
         keep = request.subset([y for _, y in self.samples])
         if keep is not None:
             self.samples = [self.samples[i] for i in keep]
         self.bad_images = BadImages(data.on_bad_image, path, request.key)
+        self.bad_images.handle(self.listing.bad)   # left out of the samples: nothing opens them
         self.sampler = _ShardSampler(len(self.samples), request)
         if request.train and self.sampler.per_rank == 0:
             raise request.no_full_batch(path, len(self.samples))
@@ -178,6 +184,16 @@ class _ShardedFolderLoader:
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.epoch, self.sampler.start = epoch, start_batch
 
+    def with_batches_in_flight(self, bad: list[tuple[str, str]], batch: int) -> list[tuple[str, str]]:
+        """``bad`` (found in batch ``batch`` of this pass), and under ``data.on_bad_image=error`` the bad files
+        of the batches in flight after it, decoded here with PIL: the error then names all of them."""
+        if not bad or self.bad_images.skip:
+            return bad
+        bs = self.request.batch_size
+        order = self.sampler.indices()[(self.sampler.start + batch + 1) * bs:]
+        ahead = [self.samples[i][0] for i in order[:batches_in_flight(self.data) * bs] if i >= 0]
+        return bad + find_undecodable(ahead)
+
 
 class TorchvisionLoader(_ShardedFolderLoader):
     def __init__(self, data: DataConfig, request: LoaderRequest):
@@ -197,8 +213,8 @@ class TorchvisionLoader(_ShardedFolderLoader):
     def __iter__(self):
         dev = self.request.device
         try:
-            for images, labels, bad in self.loader:
-                self.bad_images.handle(bad)
+            for batch, (images, labels, bad) in enumerate(self.loader):
+                self.bad_images.handle(self.with_batches_in_flight(bad, batch))
                 images = images.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 yield images, labels.to(dev, non_blocking=True)
         finally:

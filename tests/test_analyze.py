@@ -371,6 +371,54 @@ def test_timm_export_folder_is_a_classifier_with_its_weights(tmp_path):
     torch.testing.assert_close(subject.network.eval()(x), model(x))
 
 
+def _damaged_export(src: Path, dst: Path, config=None, weights=None) -> str:
+    """A copy of the timm export folder ``src`` with ``config(dict)`` / ``weights(bytes) -> bytes`` applied."""
+    dst.mkdir()
+    data = json.loads((src / "config.json").read_text())
+    if config:
+        config(data)
+    (dst / "config.json").write_text(json.dumps(data))
+    raw = (src / "model.safetensors").read_bytes()
+    (dst / "model.safetensors").write_bytes(weights(raw) if weights else raw)
+    return str(dst)
+
+
+def test_a_damaged_or_foreign_timm_export_folder_is_one_line(tmp_path, capsys):
+    fields = dict(arch="beit", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
+    src = tmp_path / "export"
+    export.export_timm(build_student(StudentConfig(**fields), finetune=True), src,
+                       model_args=timm_kwargs(StudentConfig(**fields), finetune=True))
+    cases = {
+        "resnet50": (dict(config=lambda c: c.update(architecture="resnet50")), "unexpected keyword argument"),
+        "unknown_arg": (dict(config=lambda c: c["model_args"].update(foo=1)), "unexpected keyword argument 'foo'"),
+        "truncated": (dict(weights=lambda w: w[:len(w) // 2]), "SafetensorError"),
+        "header_2_62": (dict(weights=lambda w: (2**62).to_bytes(8, "little") + w[8:]), "SafetensorError"),
+        "wider": (dict(config=lambda c: c["model_args"].update(embed_dim=64, num_heads=4)),
+                  "differ in shape: cls_token (file [1, 1, 32], model [1, 1, 64])"),
+    }
+    for name, (edit, expected) in cases.items():
+        folder = _damaged_export(src, tmp_path / name, **edit)
+        with pytest.raises(SourceError) as err:
+            load_subjects([folder])
+        assert str(err.value).startswith(f"{folder}: timm cannot build it") and expected in str(err.value), name
+        assert "\n" not in str(err.value)
+        assert main([folder, "--synthetic", "--out", str(tmp_path / "out"), "-q"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("fdfast-analyze:") == 1 and expected in err and "Traceback" not in err, (name, err)
+
+
+def test_teacher_kwargs_that_are_no_plain_yaml_mapping_are_one_line(tmp_path, capsys):
+    marker = tmp_path / "marker"
+    for kwargs, expected in (("{window_size: [14", "is not valid YAML"),
+                             (f"!!python/object/apply:os.system ['touch {marker}']", "is not valid YAML"),
+                             ("[1, 2]", "is not a mapping")):
+        assert main(["--teacher", "random", "--teacher-kwargs", kwargs, "--synthetic", "--out",
+                     str(tmp_path / "out"), "-q"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("fdfast-analyze:") == 1 and expected in err and "Traceback" not in err, err
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
 def test_image_folder_subset_is_uint8_at_the_requested_size(image_folder):
     batches = load_images(str(image_folder), num_images=5, img_size=32, batch_size=2, num_workers=0)
     assert [b[0].shape[0] for b in batches] == [2, 2, 1]

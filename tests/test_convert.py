@@ -268,3 +268,62 @@ def test_a_stop_request_is_acted_on_at_check_points():
             time.sleep(1)
     assert signal.getsignal(signal.SIGTERM) is previous
     W.check_stop()                                   # the request ends with its conversion
+
+
+def test_check_only_and_convert_never_open_a_fifo_or_decode_a_bomb(tmp_path, capsys):
+    src = make_image_folder(tmp_path / "src", num_classes=2, per_class=2, sizes=((40, 30),))
+    os.mkfifo(src / "class_000" / "fifo.jpg")
+    bomb = src / "class_001" / "bomb.jpg"
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = (20000).to_bytes(2, "big") * 2  # the header says 20000 x 20000
+    bomb.write_bytes(bytes(data))
+    with hang_guard("fdfast-convert hung on a FIFO", seconds=120):
+        rc, out, err = run(["--check-only", src, "--num-workers", "1"], capsys)
+        assert rc == 1 and "4 readable images, 2 unreadable" in out, out
+        assert "fifo.jpg: not a regular file: a FIFO" in err and "over the limit of 89,478,485 pixels" in err, err
+        rc, out, err = run([src, tmp_path / "out" / "s.beton", "--num-workers", "1"], capsys)
+        assert rc == 0 and "4 images" in out and "skipped 2 unreadable" in out, (out, err)
+        rc, _, err = run([src, tmp_path / "out" / "t.beton", "--num-workers", "1", "--strict"], capsys)
+    assert rc == 2 and "fifo.jpg" in err and "--strict" in err
+
+
+def test_a_refused_conversion_leaves_no_output_folder(split_root, tmp_path, capsys):
+    rc, _, err = run([split_root / "train", tmp_path / "new" / "deeper" / "t.beton", "--strict", "--num-workers",
+                      "1"], capsys)
+    assert rc == 2 and "--strict" in err
+    assert not (tmp_path / "new").exists()  # the folders it created for the output are gone again
+
+
+HANGING_CHECK = """
+import sys, time
+from pathlib import Path
+import pipelines.folder as F
+
+def hang(path):  # a worker stuck on a file (a network filesystem that does not answer)
+    Path(sys.argv[1]).touch()
+    time.sleep(3600)
+
+F.check_image = hang
+from fdfast.cli.convert import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigterm_stops_the_converter_while_a_worker_hangs(split_root, tmp_path):
+    started = tmp_path / "started"
+    proc = subprocess.Popen([sys.executable, "-c", HANGING_CHECK, str(started), "--check-only",
+                             str(split_root / "val"), "--num-workers", "1"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # once, as `timeout` sends it
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err, err

@@ -12,6 +12,7 @@ import io
 import numpy as np
 import pytest
 import torch
+import yaml
 from rich.console import Console
 
 import ffcv.loader  # noqa: F401 - a missing FFCV must fail this file, not skip it
@@ -19,6 +20,7 @@ import ffcv.loader  # noqa: F401 - a missing FFCV must fail this file, not skip 
 from _loader_helpers import (COORD_CLASSES, COORD_PER_CLASS, collect, crop_geometry, ffcv_rank_worker, hang_guard,
                              hide_package, image_ids, make_coordinate_folder, make_loader, make_mixed_folder,
                              make_photo_folder, match_to_reference, reference_eval_crops)
+from conftest import tiny_dict
 from pipelines import DataError, MissingDependency, check_batch
 from pipelines.ffcv_writer import convert_folder
 from pipelines.folder import list_image_folder
@@ -193,8 +195,8 @@ def test_unusable_files_are_one_line_naming_the_file(mixed, tmp_path):
     (tmp_path / "junk.beton").write_bytes(b"not an FFCV file" * 8)
     whole = mixed[0].read_bytes()
     (tmp_path / "cut.beton").write_bytes(whole[:len(whole) // 2])
-    cases = {"dir.beton": "is a folder", "missing.beton": "does not exist", "junk.beton": "not a readable FFCV file",
-             "cut.beton": "not a readable FFCV file"}
+    cases = {"dir.beton": "is a folder", "missing.beton": "does not exist", "junk.beton": "corrupt header",
+             "cut.beton": "truncated"}
     for name, expected in cases.items():
         with pytest.raises(DataError, match=expected) as err:
             ffcv(tmp_path / name)
@@ -204,6 +206,74 @@ def test_unusable_files_are_one_line_naming_the_file(mixed, tmp_path):
         ffcv(mixed[0], train=True, batch_size=64)
     with pytest.raises(RuntimeError, match="init_process_group"):
         ffcv(mixed[0], train=True, world_size=2)
+
+
+def _corrupt(src, dst, edit) -> str:
+    """A copy of the .beton ``src`` with ``edit(header, metadata region, whole file bytes)`` applied."""
+    from ffcv.types import FieldDescType, HeaderType
+
+    data = bytearray(src.read_bytes())
+    header = np.frombuffer(data, dtype=HeaderType, count=1).copy()
+    meta_at = HeaderType.itemsize + int(header["num_fields"][0]) * FieldDescType.itemsize
+    data = edit(header, meta_at, data)
+    data[:HeaderType.itemsize] = header.tobytes()
+    dst.write_bytes(bytes(data))
+    return str(dst)
+
+
+def _meta_ff(header, meta_at, data):
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.types import get_metadata_type
+
+    size = int(header["num_samples"][0]) * get_metadata_type([RGBImageField(), IntField()]).itemsize
+    data[meta_at:meta_at + size] = b"\xff" * size
+    return data
+
+
+def _set(**fields):
+    def edit(header, meta_at, data):
+        for k, v in fields.items():
+            header[k] = v(int(header[k][0])) if callable(v) else v
+        return data
+    return edit
+
+
+BETON_DAMAGE = {  # what a careless copy or a hostile file does, and the line it gets
+    "more_samples": (_set(num_samples=lambda n: n * 1000), "corrupt header"),
+    "one_more_sample": (_set(num_samples=lambda n: n + 1), "corrupt header"),
+    "page_size_0": (_set(page_size=0), "corrupt header"),
+    "metadata_ff": (_meta_ff, "corrupt sample metadata"),
+    "table_past_end": (_set(alloc_table_ptr=lambda p: p + 10**9), "truncated"),
+    "cut_in_the_data": (lambda h, m, data: data[:len(data) * 2 // 3], "truncated"),
+    "cut_in_the_header": (lambda h, m, data: data[:20], "truncated"),
+}
+
+
+def test_damaged_beton_headers_are_one_line_before_ffcv_reads_them(mixed, tmp_path):
+    for name, (edit, expected) in BETON_DAMAGE.items():
+        path = _corrupt(mixed[0], tmp_path / f"{name}.beton", edit)
+        for train in (False, True):
+            with pytest.raises(DataError, match=expected) as err:
+                ffcv(path, train=train, batch_size=4)
+            assert str(err.value).startswith(f"data.{'train' if train else 'val'}='{path}'"), name
+            assert "\n" not in str(err.value) and "fdfast-convert" in str(err.value)
+
+
+def test_damaged_beton_through_the_commands_exits_2_and_leaves_no_output(mixed, tmp_path, capsys):
+    from fdfast.cli import eval as eval_cli
+    from fdfast.cli import train as train_cli
+
+    path = _corrupt(mixed[0], tmp_path / "bad.beton", BETON_DAMAGE["more_samples"][0])
+    assert eval_cli.main(["random:resnet10t", "--data", path, "--backend", "ffcv", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("fdfast-eval:") == 1 and "corrupt header" in err and "Traceback" not in err, err
+    out = tmp_path / "run"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_dict(tmp_path, data={"backend": "ffcv", "train": path})))
+    assert train_cli.main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("fdfast-train:") == 1 and "corrupt header" in err and "Traceback" not in err, err
+    assert not out.exists(), sorted(p.name for p in out.iterdir())  # no lock, config or logs left behind
 
 
 def test_eval_difference_to_torchvision_on_photos(tmp_path):

@@ -21,9 +21,16 @@ import yaml
 
 import _release_files as RF
 from conftest import tiny_dict
-from fdfast.checkpoint import save_checkpoint
+from fdfast.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from fdfast.cli import analyze as analyze_cli
+from fdfast.cli import eval as eval_cli
+from fdfast.cli import export as export_cli
+from fdfast.cli import train as train_cli
+from fdfast.config import ConfigError, config_from_dict, load_config
 from fdfast.interop.reading import (CheckpointReadError, UnsafePickleError, load_torch_file,
                                     read_torchscript_state_dict)
+from fdfast.trainer import train
+from pipelines.generate import make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +54,8 @@ def test_a_trusted_load_really_runs_the_payload(tmp_path):
     with pytest.raises(UnsafePickleError) as e:
         load_torch_file(path)
     assert not marker.exists()
-    assert str(path) in str(e.value) and "io.open" in str(e.value) and "--set model.trust_pickle=true" in str(e.value)
+    assert str(path) in str(e.value) and "io.open" in str(e.value)
+    assert "--trust-pickle to the command" in str(e.value) and "--set" not in str(e.value)
     with pytest.warns(UserWarning, match=r"io\.open.*weights_only=False.*runs code"):
         obj = load_torch_file(path, trust_pickle=True)
     obj["extra"].close()
@@ -98,8 +106,129 @@ def test_cli_refuses_the_file_as_teacher_pretrained_and_resume_checkpoint(tmp_pa
         kind = "CheckpointLoadError" if case == "resume" else "UnsafePickleError"
         assert lines[0].startswith(f"fdfast-train: {kind}:") and "io.open" in lines[0], lines
         assert str(files[case]) in lines[0]
-        assert ("--set model.trust_pickle=true" in lines[0]) == (case != "resume"), lines
+        assert ("--trust-pickle" in lines[0]) == (case != "resume") and "--set" not in lines[0], lines
         assert not markers[case].exists(), case
+
+
+# ----------------------------------------------------------------------------------------------
+# Only the command line grants trust: never a config, its base: chain, a checkpoint or a run folder
+# ----------------------------------------------------------------------------------------------
+def _one_line(capsys, prog: str) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith(f"{prog}:")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    return lines[0]
+
+
+def test_a_config_that_grants_trust_is_refused_naming_the_switch(tmp_path, capsys):
+    marker = tmp_path / "marker"
+    teacher = evil_file(tmp_path / "teacher.pth", marker)
+    cfg = tiny_dict(tmp_path, model={"teacher": {"weights": str(teacher)}})
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({**cfg, "model": {**cfg["model"], "trust_pickle": True}}))
+    child = tmp_path / "child.yaml"
+    child.write_text(yaml.safe_dump({"base": "base.yaml", "train": {"max_steps": 1}}))
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump(cfg))
+    for path, overrides in ((base, []), (child, []), (plain, ["model.trust_pickle=true"]),
+                            (plain, ["model.pretrained_trust_pickle=false"])):
+        with pytest.raises(ConfigError, match="only the command line") as e:
+            load_config(path, overrides)
+        assert "--trust-pickle" in str(e.value) and "trust_pickle" in str(e.value)
+        assert train_cli.main(["--config", str(path), *[a for o in overrides for a in ("--set", o)]]) == 2
+        line = _one_line(capsys, "fdfast-train")
+        assert "--trust-pickle" in line and "refused" in line, line
+    assert not marker.exists() and not (tmp_path / "run").exists()
+    assert not hasattr(config_from_dict(cfg).model, "trust_pickle")
+
+
+def _plant(src_run: Path, dst_run: Path, **model_keys) -> Path:
+    """A copy of ``src_run``'s newest checkpoint (and its config.yaml) whose saved config sets ``model_keys``,
+    as an earlier version wrote them or as someone sharing the folder planted them."""
+    state, _ = load_checkpoint(find_latest(src_run))
+    config = state["config"]
+    for key, value in model_keys.items():
+        node = config["model"]
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    config["train"]["output_dir"] = str(dst_run)
+    body = {k: v for k, v in state.items() if k not in ("format", "version")}
+    save_checkpoint(dst_run, int(state["step"]), body, config=config)
+    (dst_run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return dst_run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("trust")
+    train(config_from_dict(tiny_dict(tmp, train={"max_steps": 2})))
+    return tmp / "run"
+
+
+def test_a_run_folder_cannot_grant_itself_trust(tiny_run, tmp_path, capsys):
+    marker = tmp_path / "marker"
+    teacher = evil_file(tmp_path / "teacher.pth", marker)
+    evil = _plant(tiny_run, tmp_path / "evil", **{"trust_pickle": True, "teacher.weights": str(teacher)})
+    analyze = [str(evil), "--synthetic", "--num-images", "2", "--batch-size", "2", "--no-landscape", "-q"]
+    # fdfast-analyze rebuilds the run's teacher from the saved config: refused, naming its own switch
+    assert analyze_cli.main([*analyze, "--out", str(tmp_path / "a1")]) == 2
+    line = _one_line(capsys, "fdfast-analyze")
+    assert str(teacher) in line and "--trust-pickle" in line and "--set" not in line, line
+    assert not marker.exists()
+    # fdfast-eval and fdfast-export read the checkpoint (the key is ignored) and build no teacher
+    assert eval_cli.main([str(evil), "--data", str(tmp_path), "--workers", "0"]) == 2
+    assert "no classifier head" in _one_line(capsys, "fdfast-eval")
+    assert export_cli.main([str(evil), "--format", "timm", "--out", str(tmp_path / "exported"), "-q"]) == 0
+    assert not marker.exists()
+    # resuming with the run's own config.yaml: the config is refused before anything is built or written
+    before = sorted(p.name for p in evil.iterdir())
+    assert train_cli.main(["--config", str(evil / "config.yaml")]) == 2
+    assert "--trust-pickle" in _one_line(capsys, "fdfast-train")
+    # resuming with a clean config that names the same teacher: refused as any untrusted teacher is
+    clean = yaml.safe_load((evil / "config.yaml").read_text())
+    del clean["model"]["trust_pickle"]
+    (tmp_path / "clean.yaml").write_text(yaml.safe_dump(clean))
+    assert train_cli.main(["--config", str(tmp_path / "clean.yaml")]) == 2
+    assert "UnsafePickleError" in _one_line(capsys, "fdfast-train")
+    assert not marker.exists() and sorted(p.name for p in evil.iterdir()) == before
+    # the control: the person at the keyboard can grant it, and then the planted file does run
+    assert analyze_cli.main([*analyze, "--out", str(tmp_path / "a2"), "--trust-pickle"]) == 2
+    assert marker.exists()
+
+
+def test_old_run_folders_with_the_key_still_load_and_resume(tiny_run, tmp_path, capsys):
+    old = _plant(tiny_run, tmp_path / "old", trust_pickle=False)
+    assert export_cli.main([str(old), "--format", "timm", "--out", str(tmp_path / "exported"), "-q"]) == 0
+    assert analyze_cli.main([str(old), "--synthetic", "--num-images", "2", "--batch-size", "2", "--no-landscape",
+                             "-q", "--out", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    cfg = yaml.safe_load((old / "config.yaml").read_text())
+    del cfg["model"]["trust_pickle"]
+    cfg["train"]["max_steps"] = 3
+    summary = train(config_from_dict(cfg))
+    assert summary["step"] == 3
+    assert "model.trust_pickle" not in capsys.readouterr().err  # not even reported as a change
+    assert "trust_pickle" not in (old / "config.yaml").read_text()
+
+
+def test_each_command_names_its_own_switch(tmp_path, capsys):
+    marker = tmp_path / "marker"
+    weights = evil_file(tmp_path / "student.pth", marker)
+    make_image_folder(tmp_path / "val", num_classes=2, per_class=1, sizes=((32, 32),))
+    assert eval_cli.main([str(weights), "--data", str(tmp_path / "val"), "--workers", "0",
+                          "--json", str(tmp_path / "new" / "r.json")]) == 2
+    line = _one_line(capsys, "fdfast-eval")
+    assert "--trust-pickle" in line and "--set" not in line, line
+    assert not (tmp_path / "new").exists()  # a refused command leaves no empty output folder
+    assert analyze_cli.main([str(weights), "--synthetic", "--out", str(tmp_path / "a"), "-q"]) == 2
+    line = _one_line(capsys, "fdfast-analyze")
+    assert "--trust-pickle" in line and "--set" not in line, line
+    assert analyze_cli.main(["--teacher", str(weights), "--synthetic", "--out", str(tmp_path / "a"), "-q"]) == 2
+    line = _one_line(capsys, "fdfast-analyze")
+    assert "--trust-pickle" in line and "--set" not in line, line
+    assert not marker.exists()
 
 
 # ----------------------------------------------------------------------------------------------

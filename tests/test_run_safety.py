@@ -163,6 +163,50 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_leaves_nothing_half_writt
     assert not list(ckpt.ckpt_root(out).glob(".tmp_*"))
 
 
+class _FillsUp:
+    """A file whose disk fills up after ``room`` bytes: ``write`` raises ENOSPC as a real full disk does."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        self.room -= len(data)
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.mark.parametrize("how", ["full_disk_in_the_zip_writer", "zip_writer_error_alone"])
+def test_every_write_failure_of_a_checkpoint_is_one_line(how, tiny_cfg, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(tiny_cfg(train={"output_dir": str(out), "max_steps": 2}, checkpoint={"every": 2}))
+    if how == "full_disk_in_the_zip_writer":  # the real torch.save, whose writer turns ENOSPC into a RuntimeError
+        monkeypatch.setattr(ckpt, "open", lambda path, mode="r", *a, **k: _FillsUp(open(path, mode, *a, **k), 4096)
+                            if Path(path).name == "state.pt" and "w" in mode else open(path, mode, *a, **k),
+                            raising=False)
+        expected = r"no space left on .*checkpoints while writing checkpoint step 4"
+    else:
+        def broken(obj, f):
+            f.write(b"PK")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        monkeypatch.setattr(ckpt.torch, "save", broken)
+        expected = r"cannot write checkpoint step 4 into .*checkpoints \(the file was not written completely"
+    with pytest.raises(ckpt.CheckpointWriteError, match=expected) as err:
+        train(tiny_cfg(train={"output_dir": str(out), "max_steps": 4}, checkpoint={"every": 2}))
+    assert "\n" not in str(err.value) and err.value.__suppress_context__
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [2] and ckpt.verify(ckpt.find_latest(out)) is None
+    assert not list(ckpt.ckpt_root(out).glob(".tmp_*"))  # no half-written folder
+
+
 def test_unwritable_output_dir_is_one_line(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     cfg = _write_cfg(tmp_path)
@@ -177,7 +221,33 @@ def test_unwritable_output_dir_is_one_line(tmp_path):
 def test_half_precision_on_a_cpu_is_one_line(tmp_path, precision):
     r = _cli(_write_cfg(tmp_path), "--set", f"train.precision={precision}")
     assert r.returncode == 2 and f"train.precision='{precision}' needs a CUDA device" in r.stderr
-    assert "Traceback" not in r.stderr and not list((tmp_path / "run").glob("checkpoints"))
+    assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()  # no lock file, no folder left
+
+
+def test_a_refused_run_leaves_the_output_folder_as_it_found_it(tmp_path, capsys, monkeypatch):
+    import fdfast.trainer as trainer_module
+    from fdfast.cli import train as train_cli
+
+    def refuse(*args, **kwargs):  # refused as the loop starts: config.yaml and tensorboard/ exist by then
+        assert (out / "config.yaml").exists() and (out / "tensorboard").exists()
+        raise ckpt.CheckpointLoadError("refused for the test")
+
+    monkeypatch.setattr(trainer_module, "Progress", refuse)
+    cases = {"absent": tmp_path / "a" / "b" / "run", "empty": tmp_path / "empty", "used": tmp_path / "used"}
+    cases["empty"].mkdir()
+    cases["used"].mkdir()
+    (cases["used"] / "notes.txt").write_text("the user's")
+    for name, out in cases.items():
+        cfg = _write_cfg(tmp_path, name, log={"tensorboard": True}, train={"max_steps": 2})
+        d = yaml.safe_load(cfg.read_text())
+        d["train"]["output_dir"] = str(out)
+        cfg.write_text(yaml.safe_dump(d))
+        assert train_cli.main(["--config", str(cfg)]) == 2
+        assert "refused for the test" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    assert list(cases["empty"].iterdir()) == []
+    assert sorted(p.name for p in cases["used"].iterdir()) == ["notes.txt"]  # what the run added is gone
+
 
 
 def test_an_unreadable_checkpoint_folder_is_one_line(tiny_cfg, tmp_path, monkeypatch):
@@ -217,6 +287,19 @@ def test_a_changed_config_is_refused_with_a_diff_unless_allowed(tiny_cfg, tmp_pa
     assert len(kept) == 1 and kept[0].read_text() == first
     summary = train(tiny_cfg(train={**base, "max_steps": 6}, optim={"base_lr": 2e-3}), allow_config_change=True)
     assert summary["step"] == 6 and "optim.base_lr: 0.001 -> 0.002" in capsys.readouterr().out
+
+
+def test_allow_config_change_never_turns_a_checkpoint_into_another_network(tiny_cfg, tmp_path):
+    out = tmp_path / "run"
+    base = {"output_dir": str(out), "max_steps": 2}
+    train(tiny_cfg(train=base))
+    for change, expected in (({"model": {"student": {"depth": 3}}}, r"architecture .*model\.student\.depth: 2 -> 3"),
+                             ({"model": {"student": {"embed_dim": 64}}}, r"model\.student\.embed_dim: 32 -> 64"),
+                             ({"optim": {"layer_decay": 0.75}}, r"parameter groups \(\d+\) differ")):
+        with pytest.raises(ConfigDrift, match=expected) as err:
+            train(tiny_cfg(train={**base, "max_steps": 4}, **change), allow_config_change=True)
+        assert "\n" not in str(err.value) and "start a new train.output_dir" in str(err.value)
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [2]
 
 
 def test_config_drift_through_the_cli_exits_2(tmp_path):

@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from ..analyze import AnalyzeOptions, analyze
+from ..constants import TRUST_SWITCH
 from ..errors import UserError
 from .common import exit_code
 from .teacher_options import add_teacher_options, teacher_spec
@@ -56,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="let the figures' value axes zoom on the data (default: from 0; shares and cosines to 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--trust-pickle", action="store_true", help="allow files that pickle code (runs it!)")
+    p.add_argument(TRUST_SWITCH, dest="trust_pickle", action="store_true",
+                   help="allow model / teacher files that pickle code (runs it: only files you trust)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
 

@@ -22,8 +22,9 @@ from pathlib import Path
 import pipelines
 
 from .. import distributed
-from ..checkpoint import atomic_write, make_folder
+from ..checkpoint import atomic_write, make_folder, missing_folders, remove_empty_folders
 from ..config import DataConfig
+from ..constants import TRUST_SWITCH
 from ..errors import OutputNotWritable
 from ..logging import log
 from ..interop.sources import SourceError, Subject, load_subjects
@@ -46,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="decoding workers per process, 0 = in the main process (default: 8, or the usable CPU "
                    "cores if fewer)")
     p.add_argument("--json", help="also write the results to this file")
-    p.add_argument("--trust-pickle", action="store_true", help="allow files that pickle code (runs it)")
+    p.add_argument(TRUST_SWITCH, dest="trust_pickle", action="store_true",
+                   help="allow model files that pickle code (runs it: only files you trust)")
     k = p.add_argument_group("k-NN: DINO's weighted k-NN accuracy of each model's features (any model: "
                              "distilled students, their teachers, backbones, classifiers)")
     k.add_argument("--knn", action="store_true", help="classify --data by its nearest --knn-train images in feature "
@@ -123,11 +125,16 @@ def main(argv=None) -> int:
     info = distributed.init_distributed()
 
     def work() -> int:
-        if args.json:
-            make_folder(Path(args.json).parent)  # before the evaluation, not after it
-        models = load_subjects(args.models, teacher_spec(args), with_teacher=args.knn and not args.no_teacher,
-                               trust_pickle=args.trust_pickle)
-        results = [knn(m, args, info) if args.knn else evaluate(m, args, info) for m in models]
+        created = missing_folders(Path(args.json).parent) if args.json else []
+        try:
+            if args.json:
+                make_folder(Path(args.json).parent)  # before the evaluation, not after it
+            models = load_subjects(args.models, teacher_spec(args), with_teacher=args.knn and not args.no_teacher,
+                                   trust_pickle=args.trust_pickle)
+            results = [knn(m, args, info) if args.knn else evaluate(m, args, info) for m in models]
+        except BaseException:
+            remove_empty_folders(created)  # refused: no empty output folder left behind
+            raise
         if info.is_main:
             for r in results:
                 if args.knn:

@@ -20,6 +20,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
+from ..constants import TRUST_SWITCH
 from ..errors import UserError
 from ..interop.export import export_checkpoint, export_source
 from ..interop.heads_export import heads_path
@@ -55,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--with-heads", action="store_true",
                    help="distilled students: also write the projector heads, by teacher name (a run with several "
                         "teachers has one per teacher), to <backbone stem>.heads.safetensors beside the backbone")
+    p.add_argument(TRUST_SWITCH, dest="trust_pickle", action="store_true",
+                   help="taken by every command that reads files; changes nothing here: fdfast checkpoints hold "
+                        "only tensors and plain values, and one that pickles code is refused whatever the switch")
     p.add_argument("-q", "--quiet", action="store_true", help="only print errors")
     return p
 

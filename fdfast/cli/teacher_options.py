@@ -7,6 +7,7 @@ from typing import Optional
 
 import yaml
 
+from ..config.load import yaml_error_line
 from ..errors import UserError
 from ..interop.sources import TeacherSpec
 from ..models.teachers import TEACHER_KINDS
@@ -32,7 +33,11 @@ def teacher_spec(a: argparse.Namespace) -> Optional[TeacherSpec]:
     """The ``--teacher`` options as a :class:`TeacherSpec`; None without ``--teacher``."""
     if not a.teacher:
         return None
-    kwargs = yaml.safe_load(a.teacher_kwargs) if a.teacher_kwargs else None
+    try:
+        kwargs = yaml.safe_load(a.teacher_kwargs) if a.teacher_kwargs else None
+    except yaml.YAMLError as e:  # bad syntax, or a tag such as !!python/object that safe_load refuses
+        raise UserError(f"--teacher-kwargs {a.teacher_kwargs!r} is not valid YAML ({yaml_error_line(e)}); give "
+                        "a mapping, e.g. '{window_size: 14}'") from None
     if kwargs is not None and not isinstance(kwargs, dict):
         raise UserError(f"--teacher-kwargs {a.teacher_kwargs!r} is not a mapping, e.g. '{{window_size: 14}}'")
     return TeacherSpec(weights=a.teacher, kind=a.teacher_kind, model=a.teacher_model, model_kwargs=kwargs,

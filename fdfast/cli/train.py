@@ -17,6 +17,7 @@ import yaml
 from .. import distributed
 from ..config import load_config, to_dict
 from ..config.load import list_configs, packaged_configs_dir
+from ..constants import TRUST_SWITCH
 from ..errors import UserError
 from ..guard import EXIT_PREEMPTED
 from ..trainer import NonFiniteLoss, Preempted, train
@@ -35,6 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume even when the config changes the model, data geometry, augmentation or optimizer "
                         "the checkpoint was trained with (the changes are logged)")
+    p.add_argument(TRUST_SWITCH, dest="trust_pickle", action="store_true",
+                   help="allow teacher / pretrained files that pickle code (runs it: only files you trust); "
+                        "only this switch grants it, never a config")
     args = p.parse_args(argv)
     if not (args.config or args.list_configs):
         p.error("--config is required: a YAML file or a shipped config name (see --list-configs)")
@@ -74,7 +78,7 @@ def main(argv=None) -> int:
         return 0
     info = distributed.init_distributed()
     try:
-        summary = train(cfg, info, allow_config_change=args.allow_config_change)
+        summary = train(cfg, info, allow_config_change=args.allow_config_change, trust_pickle=args.trust_pickle)
     except NonFiniteLoss as e:
         print(f"fdfast-train: {e}", file=sys.stderr)
         return 3

@@ -9,16 +9,18 @@ values (``__post_init__``). The file is a path or the name of a config shipped w
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Mapping, Optional, Union
 
 import yaml
 
+from ..constants import TRUST_SWITCH
 from ..errors import ConfigError
 from .sections import FDConfig
 
@@ -100,13 +102,35 @@ MOVED_KEYS = {
     "train.mixup": "augment.mixup", "train.cutmix": "augment.cutmix",
     "train.label_smoothing": "augment.label_smoothing", "data.re_prob": "augment.re_prob",
     "model.student.depths": "model.student.depth", "model.student.heads": "model.student.num_heads",
-    "model.pretrained_trust_pickle": "model.trust_pickle",
     "data.generate_if_missing": "(removed: `python -m pipelines.generate --demo DIR` writes demo data)",
 }
 
 
+# Keys only the command line may set: permission to run code from a file is the user's, never a file's.
+# A config (its base: chain, a --set) that sets one is refused; a config saved in a run drops them unread.
+COMMAND_LINE_KEYS = {"model.trust_pickle": TRUST_SWITCH, "model.pretrained_trust_pickle": TRUST_SWITCH}
+
+
+def without_command_line_keys(data: Mapping) -> dict:
+    """A copy of a saved config (a checkpoint's, a run's ``config.yaml``) without :data:`COMMAND_LINE_KEYS`,
+    which earlier versions wrote there: read back, they would grant what only the command line may grant."""
+    data = copy.deepcopy(dict(data))
+    for key in COMMAND_LINE_KEYS:
+        *parents, leaf = key.split(".")
+        node: Any = data
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return data
+
+
 def _unknown_key_error(cls: type, key: str, prefix: str) -> ConfigError:
     full = f"{prefix}.{key}" if prefix else key
+    if full in COMMAND_LINE_KEYS:
+        return ConfigError(f"config key '{full}' is refused: only the command line can allow files that run code "
+                           f"when unpickled, never a config; remove the key (and pass {COMMAND_LINE_KEYS[full]} "
+                           "if you trust the files)")
     if full in MOVED_KEYS:
         return ConfigError(f"config key '{full}' has moved: use '{MOVED_KEYS[full]}'")
     names = [f.name for f in dataclasses.fields(cls)]
@@ -136,7 +160,7 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _one_line(error: yaml.YAMLError) -> str:
+def yaml_error_line(error: yaml.YAMLError) -> str:
     """A YAML parser error as one line: where (line and column, 1-based) and what."""
     mark = getattr(error, "problem_mark", None)
     what = " ".join(str(getattr(error, "problem", None) or error).split())
@@ -151,7 +175,7 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {_one_line(e)}") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_error_line(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, augment, optim, train, compile, checkpoint, log)")
     base = data.pop("base", None)

@@ -192,9 +192,6 @@ class ModelConfig:
     """SmoothL1 beta."""
     pretrained: str = ""
     """Fine-tune / probe: distilled student file (fdfast checkpoint, official FD .pth, timm weights)."""
-    trust_pickle: bool = False
-    """Allow teacher / pretrained files that pickle classes beyond the known data-only ones (this runs
-    code stored in the file: only for files from a source you trust)."""
     attention: Literal["sdpa", "flex", "eager"] = "sdpa"
     """Student attention kernel with the relative position bias (models/attention.py)."""
     grad_checkpointing: bool = False

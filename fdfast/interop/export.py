@@ -9,7 +9,6 @@ student from the checkpoint's own config with the trainer's builder. Files are w
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -26,7 +25,7 @@ import torch.nn as nn
 from .. import checkpoint as ckpt
 from ..checkpoint import atomic_write
 from ..config import FDConfig, config_from_dict
-from ..config.load import MOVED_KEYS
+from ..config.load import MOVED_KEYS, without_command_line_keys
 from ..constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from ..errors import ConfigError, UserError
 from ..models.student import build_student, timm_kwargs
@@ -275,8 +274,9 @@ def export_official(student: nn.Module, projector: Optional[nn.Module | Mapping[
 # fdfast checkpoints
 # ----------------------------------------------------------------------------------------------
 def _with_moved_keys(data: Mapping) -> dict:
-    """A copy of a checkpoint's config dict with the keys of earlier fdfast versions where they live now."""
-    data = copy.deepcopy(dict(data))
+    """A copy of a checkpoint's config dict with the keys of earlier fdfast versions where they live now, less
+    the keys only the command line may set (``model.trust_pickle``: ignored, never obeyed)."""
+    data = without_command_line_keys(data)
     for old, new in MOVED_KEYS.items():
         *parents, leaf = old.split(".")
         node: Any = data

@@ -143,7 +143,7 @@ def read_student_state_dict(path: str | os.PathLike, *, trust_pickle: bool = Fal
     ``decoder.*`` and the teacher ``feature_model.*``); strip ``module.`` / ``_orig_mod.`` wrappers. (The
     wrappers are stripped first, so a DDP-wrapped FD state ``module.encoder.*`` also works.) Key names of
     official SwinV2 files stay official (``rpe_mlp``, downsample at the end of a stage):
-    :func:`convert_swin_for_finetune` maps them. ``trust_pickle`` is ``model.trust_pickle``.
+    :func:`convert_swin_for_finetune` maps them. ``trust_pickle`` is the command's ``--trust-pickle``.
     """
     file = resolve_checkpoint_file(path)
     if file.suffix == ".safetensors":

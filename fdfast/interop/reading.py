@@ -4,9 +4,11 @@ A pickle can run any code when it is loaded, so a file is read with ``torch.load
 (tensors, containers, plain values) plus an explicit allow-list of the data-only classes that real release
 files pickle next to their weights: EsViT's / DINO's ``argparse.Namespace`` and the official FD files' yacs
 ``CfgNode``, which is rebuilt as a plain ``OrderedDict`` (yacs is neither imported nor run). Any other
-pickled global is refused with :class:`UnsafePickleError`, which names the globals, the file and the opt-in
-switch ``model.trust_pickle``. Only with that switch is the file loaded with ``weights_only=False``, and a
-warning says that code stored in the file runs. Nothing falls back silently.
+pickled global is refused with :class:`UnsafePickleError`, which names the globals, the file and the opt-in.
+Permission to run such a file comes only from the person at the keyboard: ``trust_pickle=True``, which every
+command that reads files sets from its own :data:`TRUST_SWITCH` and never from a config, a checkpoint or a
+run folder. Only then is the file loaded with ``weights_only=False``, and a warning says that code stored in
+the file runs. Nothing falls back silently.
 
 OpenAI's CLIP ``.pt`` files are TorchScript archives, and ``torch.jit.load`` runs the ``__setstate__``
 methods stored in them. :func:`read_torchscript_state_dict` instead unpickles the archive's ``data.pkl``
@@ -31,9 +33,9 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
+from ..constants import TRUST_SWITCH
 from ..errors import UserError
 
-TRUST_KEY = "model.trust_pickle"
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
 _MAX_LISTED = 12  # keys named in an error message before "... and N more"
 
@@ -115,6 +117,7 @@ def load_safetensors(path: Path) -> dict:
 # The policy
 # ----------------------------------------------------------------------------------------------
 def _refusal(path: Path, names: Sequence[str], opt_in: Optional[str]) -> UnsafePickleError:
+    """``opt_in`` names the switch of the command that reads the file (None: no switch applies)."""
     what = f"it pickles {', '.join(names)}, which can run code when unpickled"
     if opt_in is None:
         return UnsafePickleError(
@@ -122,13 +125,14 @@ def _refusal(path: Path, names: Sequence[str], opt_in: Optional[str]) -> UnsafeP
             "so this file was not written by fdfast-train (or was altered): remove or replace it")
     return UnsafePickleError(
         f"{path}: refusing to load: {what}; only tensors, plain values, argparse.Namespace and yacs CfgNode are "
-        f"read by default. If you trust where the file came from, add --set {opt_in}=true (Python: "
+        f"read by default. If you trust where the file came from, add {opt_in} to the command (Python: "
         "trust_pickle=True); that runs the code stored in the file")
 
 
 def _warn_trusted(path: Path, names: Sequence[str]) -> None:
     warnings.warn(f"{path}: it pickles {', '.join(names)}, so it is loaded with weights_only=False as "
-                  f"{TRUST_KEY}=true allows; this runs code stored in the file", UserWarning, stacklevel=3)
+                  f"{TRUST_SWITCH} (trust_pickle=True) allows; this runs code stored in the file", UserWarning,
+                  stacklevel=3)
 
 
 def _refused_globals(path: Path, error: Exception) -> tuple[list[str], str]:
@@ -147,12 +151,12 @@ def _refused_globals(path: Path, error: Exception) -> tuple[list[str], str]:
 
 
 def load_torch_file(path: str | os.PathLike, *, trust_pickle: bool = False, map_location: Any = "cpu",
-                    mmap: bool = False, opt_in: Optional[str] = TRUST_KEY) -> Any:
+                    mmap: bool = False, opt_in: Optional[str] = TRUST_SWITCH) -> Any:
     """Read a PyTorch file under the load policy (see the module docstring).
 
     A TorchScript archive comes back as its state dict (:func:`read_torchscript_state_dict`). ``mmap``
     memory-maps zip files, so unused parts (a training checkpoint's optimizer) are never read. ``opt_in`` is
-    the config key that allows an unsafe load, named in the refusal; ``None`` for files where no switch
+    the command-line switch that allows an unsafe load, named in the refusal; ``None`` for files where no switch
     applies (fdfast's own checkpoints), which are refused whatever ``trust_pickle`` says. Raises
     :class:`UnsafePickleError` for a refused file and :class:`CheckpointReadError` for an unreadable one.
     """
@@ -177,7 +181,7 @@ def load_torch_file(path: str | os.PathLike, *, trust_pickle: bool = False, map_
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
-        raise CheckpointReadError(f"{path}: cannot read even with {TRUST_KEY}=true ({first_line(e)})") from None
+        raise CheckpointReadError(f"{path}: cannot read even with {TRUST_SWITCH} ({first_line(e)})") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,7 +303,7 @@ def _collect_tensors(root: Any) -> dict:
 
 
 def read_torchscript_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False,
-                                opt_in: Optional[str] = TRUST_KEY) -> dict:
+                                opt_in: Optional[str] = TRUST_SWITCH) -> dict:
     """The tensors of a TorchScript archive by attribute path (``visual.conv1.weight``), read without
     ``torch.jit.load``; an archive that pickles anything else is refused like any file (see
     :func:`load_torch_file`), and only ``trust_pickle`` hands it to ``torch.jit.load``."""

@@ -12,7 +12,8 @@ as training. A model argument is one of:
 * ``random:<timm name>``: a randomly initialised timm model (smoke tests).
 
 ``--teacher`` (a release file or ``random``, with ``--teacher-kind`` / ``--teacher-model``) is built by
-:func:`fdfast.models.teachers.build_teacher`. Pickled code never runs unless ``trust_pickle`` is set.
+:func:`fdfast.models.teachers.build_teacher`. Pickled code never runs unless the caller passes
+``trust_pickle`` (the command's ``--trust-pickle``); a run's saved config never grants it.
 Weights stay fp32 (a teacher configured with ``fp16_weights`` or ``bf16`` is analysed in fp32).
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Optional
 import timm
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 
 from ..config import StudentConfig, TeacherConfig
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
@@ -35,7 +37,7 @@ from .conversion import official_to_distill_state_dict
 from .export import checkpoint_config, eval_preprocessing
 from .loading import (LAYOUT_FDFAST, LAYOUT_OFFICIAL, load_converted_state_dict, read_fdfast_checkpoint,
                       read_student_state_dict, resolve_checkpoint_file)
-from .reading import load_torch_file
+from .reading import fmt_keys, load_torch_file
 from ..models.student import build_student
 from ..models.teachers import Teacher, build_teacher
 
@@ -104,7 +106,8 @@ def run_teacher(cfg, *, trust_pickle: bool = False) -> Teacher:
     tcfg = dataclasses.replace(cfg.model.teacher, fp16_weights=False, bf16=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
-        return build_teacher(tcfg, cfg.model.student.img_size, trust_pickle=trust_pickle or cfg.model.trust_pickle,
+        # trust comes from the caller's command line only, never from the run's saved config
+        return build_teacher(tcfg, cfg.model.student.img_size, trust_pickle=trust_pickle,
                              student=cfg.model.student)  # the run's token rules: input size, target tokens
 
 
@@ -255,11 +258,33 @@ def _timm_subject(model: nn.Module, name: str, source: str) -> Subject:
                    std=tuple(cfg.get("std", IMAGENET_STD)), num_classes=classes, eval_resize=resize)
 
 
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
+                            r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)")
+_QUOTED = re.compile(r'"([^"]+)"')
+_KEY_LIST = re.compile(r"(Missing|Unexpected) key\(s\) in state_dict: (.*?)\.?\s*$", re.MULTILINE)
+
+
+def _timm_failure(e: BaseException) -> str:
+    """One line for why timm could not build a model: a state dict that does not fit names its first
+    mismatching keys and shapes (torch lists them all, one per line); otherwise the error's first line."""
+    text = str(e)
+    shapes = _SIZE_MISMATCH.findall(text)
+    keys = [f"{kind.lower()} {fmt_keys(_QUOTED.findall(listed), 4)}" for kind, listed in _KEY_LIST.findall(text)]
+    if shapes or keys:
+        parts = [f"{len(shapes)} tensor(s) differ in shape: "
+                 + fmt_keys([f"{k} (file {a}, model {b})" for k, a, b in shapes], 3)] if shapes else []
+        return "its weights do not fit the architecture in config.json: " + "; ".join(parts + keys)
+    lines = text.strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
 def _create_timm(name: str, source: str, **kwargs) -> nn.Module:
+    """``timm.create_model``; what a damaged or foreign export folder makes it raise (another architecture's
+    config.json, an unknown argument, a truncated or forged model.safetensors) is one line."""
     try:
         return timm.create_model(name, **kwargs)
-    except (RuntimeError, ValueError, OSError, KeyError) as e:
-        raise SourceError(f"{source}: timm cannot build it ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    except (RuntimeError, ValueError, OSError, KeyError, TypeError, SafetensorError) as e:
+        raise SourceError(f"{source}: timm cannot build it ({_timm_failure(e)})") from None
 
 
 _TIMM_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -288,7 +313,7 @@ def load_subjects(models: list[str], teacher_spec: Optional[TeacherSpec] = None,
     if teacher_spec is not None:
         try:
             teacher = build_teacher_from_spec(teacher_spec, teacher_spec.img_size or 224, trust_pickle=trust_pickle)
-        except UserError as e:  # its message speaks of the config key; name the flag as well
+        except UserError as e:  # its message speaks of model.teacher; name the flag as well
             raise SourceError(f"--teacher {teacher_spec.weights}: {e}") from None
         subjects.append(_teacher_subject(teacher, f"teacher-{teacher.kind}"))
     for spec in models:

@@ -109,7 +109,7 @@ def read_teacher_file(kind: str, path: str | os.PathLike, model: Optional[nn.Mod
     ``model.load_state_dict(sd, strict=True)`` succeeds. Without ``model`` the file's own geometry is kept
     (nothing is resampled) and the keys are checked against a meta-device model of that geometry.
 
-    CLIP's fp16 tensors are returned as fp32. ``trust_pickle`` is ``model.trust_pickle``. Raises
+    CLIP's fp16 tensors are returned as fp32. ``trust_pickle`` is the command's ``--trust-pickle``. Raises
     :class:`TeacherLoadError` for a missing file, a release file whose hash differs from the published one,
     a file of another kind, an architecture mismatch or leftover/missing keys, and
     :class:`~fdfast.interop.reading.UnsafePickleError` for a file the load policy refuses.

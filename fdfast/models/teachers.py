@@ -17,7 +17,7 @@ timm's ``head`` and is dropped (``num_classes=0``). The OpenAI weights need the 
 plain ``*_clip_*`` names use exact GELU and give features that are off by ~4e-2.
 
 Release files are read by :mod:`.teacher_files`: under the one load policy (nothing in a file runs unless
-``trust_pickle`` allows it), with OpenAI's published SHA-256 checked for ``ViT-B-16.pt`` / ``ViT-L-14.pt``,
+``--trust-pickle`` allows it), with OpenAI's published SHA-256 checked for ``ViT-B-16.pt`` / ``ViT-L-14.pt``,
 and strictly (every key of the file must land in the model and every parameter must come from the file, apart
 from the keys a teacher does not use). The built :class:`Teacher` records the SHA-256 of its file.
 
@@ -175,8 +175,8 @@ def build_teacher(cfg: Any, student_img_size: int, *, trust_pickle: bool = False
     that student; without it ``cfg.img_size`` or ``student_img_size`` and the default plan. ``cfg.weights`` is a
     file (or, kind timm, a folder) loaded strictly, or ``'random'`` for timm's random init (demos, tests,
     benchmarks). ``cfg.fp16_weights`` stores conv/linear weights in fp16 and runs the forward under fp16 autocast,
-    as the official CLIP teacher does on CUDA; it is pointless on CPU. ``trust_pickle`` comes from the command
-    line (see :mod:`fdfast.interop.reading`'s load policy), never from a config or a file.
+    as the official CLIP teacher does on CUDA; it is pointless on CPU. ``trust_pickle`` is the command's
+    ``--trust-pickle`` (see :mod:`fdfast.interop.reading`'s load policy), never read from a config or a file.
     """
     kind, weights = cfg.kind, str(cfg.weights)
     kwargs = dict(cfg.model_kwargs or {})

@@ -112,7 +112,7 @@ class FinetuneTask(Task):
 
     probe = False
 
-    def __init__(self, cfg: FDConfig, info: DistInfo):
+    def __init__(self, cfg: FDConfig, info: DistInfo, *, trust_pickle: bool = False):
         cfg = resolve_num_classes(cfg) if not cfg.model.student.num_classes else cfg  # the trainer resolves first
         s = cfg.model.student
         self.cfg, self.info = cfg, info
@@ -123,7 +123,7 @@ class FinetuneTask(Task):
             # Strict: anything missing besides the fresh classifier (and the ViT's fresh fc_norm) is an
             # error, unlike the official load_state_dict(strict=False) (spec pitfall 7).
             report = load_student_weights(model, path, arch=s.arch, expected_missing=("head.", "fc_norm."),
-                                          trust_pickle=cfg.model.trust_pickle)
+                                          trust_pickle=trust_pickle)
             if info.is_main:
                 log(report.summary())
             self.extra = {"pretrained": str(path), "pretrained_layout": report.layout,
