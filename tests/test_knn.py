@@ -32,9 +32,10 @@ from fdfast.models.student import DistillModel
 from fdfast.tasks import knn as knn_mod
 from fdfast.tasks.knn import (KNNSettings, build_knn_loaders, canonical_order, has_cls_token, image_features,
                               knn_evaluate, knn_hits)
+from fdfast.tasks import DistillTask
 from fdfast.trainer import Preempted, train
 from pipelines import build_loader
-from pipelines.base import keep_per_class
+from pipelines.base import DataError, keep_per_class
 from pipelines.generate import make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -372,6 +373,17 @@ def test_distillation_logs_knn_at_its_cadence_and_leaves_training_alone(tmp_path
     plain_steps, plain_evals = records(tmp_path / "plain")
     assert plain_evals == []
     assert [(r["step"], r["loss"]) for r in plain_steps] == [(r["step"], r["loss"]) for r in steps]
+
+
+def test_a_missing_knn_set_stops_the_run_before_its_first_step_but_not_the_task_api(tmp_path, folders):
+    d = knn_dict(tmp_path, folders, "fd")
+    d["data"]["knn_train"] = str(tmp_path / "no-such-folder")
+    cfg = config_from_dict(d)
+    task = DistillTask(cfg, CPU)  # the Python API: a loss without data on disk
+    task.loss(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(DataError, match="data.knn_train='.*no-such-folder' does not exist"):
+        train(cfg, CPU)
+    assert not (tmp_path / "fd" / "metrics.jsonl").exists() and not ckpt.list_checkpoints(tmp_path / "fd")
 
 
 def test_the_monitor_may_be_turned_on_or_changed_when_a_run_resumes(tmp_path, folders):

@@ -85,8 +85,11 @@ class DistillTask(Task):
         return {"loss": total, **out}
 
     def prepare(self, batches: Iterable[tuple[torch.Tensor, Any]]) -> None:
-        """PHI-S teachers without statistics (a fresh start) estimate them from the first batches."""
+        """PHI-S teachers without statistics (a fresh start) estimate them from the first batches; the k-NN
+        monitor's loaders are built (a wrong data.knn_train fails here, before the first step)."""
         estimate_phi_s(self.slots, batches, self.cfg, self.info)
+        if self.knn is not None:
+            self.knn.build()
 
     def state_dict(self) -> dict:
         phi_s = {slot.name: slot.phi_s.state_dict() for slot in self.slots if slot.phi_s is not None}

@@ -159,18 +159,26 @@ def knn_evaluate(network: nn.Module, bank_loader, query_loader, *, mean, std, de
 
 
 class KNNMonitor:
-    """The k-NN monitor of a distillation run (``train.knn_every``): its loaders are built with the task, so a
-    wrong ``data.knn_train`` fails at the start, not after the first epoch; ``__call__(network)`` measures."""
+    """The k-NN monitor of a distillation run (``train.knn_every``). Its loaders are built by :meth:`build`, which
+    the task's ``prepare`` calls before the first step, so a wrong ``data.knn_train`` fails at the start of a run,
+    not after its first epoch, while a task built for its loss alone (the Python API) needs no data on disk;
+    ``__call__(network)`` measures."""
 
     def __init__(self, cfg: FDConfig, info: DistInfo):
-        self.device = info.device
-        self.loaders = build_knn_loaders(cfg.data, batch_size=cfg.train.batch_size,
-                                         img_size=cfg.model.student.img_size, device=info.device, rank=info.rank,
-                                         world_size=info.world_size)
+        self.cfg, self.info, self.device = cfg, info, info.device
+        self.loaders: Optional[tuple] = None
         self.mean, self.std = eval_mean_std(cfg)
         tr = cfg.train
         self.settings = KNNSettings(k=tr.knn_k, temperature=tr.knn_temperature, feature=tr.knn_feature)
 
+    def build(self) -> None:
+        if self.loaders is None:
+            cfg, info = self.cfg, self.info
+            self.loaders = build_knn_loaders(cfg.data, batch_size=cfg.train.batch_size,
+                                             img_size=cfg.model.student.img_size, device=info.device,
+                                             rank=info.rank, world_size=info.world_size)
+
     def __call__(self, network: nn.Module, should_stop: Optional[StopCheck] = None) -> dict:
+        self.build()
         return knn_evaluate(network, *self.loaders, mean=self.mean, std=self.std, device=self.device,
                             settings=self.settings, should_stop=should_stop)
