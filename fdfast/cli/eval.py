@@ -48,9 +48,9 @@ def evaluate(model: Subject, args: argparse.Namespace, info: distributed.DistInf
     if model.num_classes <= 0:
         raise SourceError(f"{model.source} has no classifier head ({model.role}); evaluate a fine-tuned model, or "
                           "use fdfast-analyze for a distilled student")
-    resize = model.eval_resize or round(model.img_size * 256 / 224)  # timm's default crop_pct 0.875
-    # eval only: the validation set stands in for data.train, which the section requires for real backends
-    data = DataConfig(backend=args.backend, train=args.data, val=args.data, eval_resize=resize,
+    # eval only: the validation set stands in for data.train, which the section requires for real backends;
+    # eval_resize None (official FD files) = the official int(256 / 224 * img_size)
+    data = DataConfig(backend=args.backend, train=args.data, val=args.data, eval_resize=model.eval_resize,
                       num_workers=args.workers, num_classes=model.num_classes)
     loader = pipelines.build_loader(data, train=False, batch_size=args.batch_size, img_size=model.img_size,
                                     device=info.device, rank=info.rank, world_size=info.world_size)
