@@ -63,8 +63,9 @@ def build_task(cfg: FDConfig, info: DistInfo, compile_backend: Optional[str] = N
 
 
 def build_training(task: Task, cfg: FDConfig, info: DistInfo, steps_per_epoch: int,
-                   ) -> tuple[torch.optim.Optimizer, TrainStep, Schedule]:
-    """Optimizer, step and LR schedule for a task (LR scaled by the total batch over all ranks)."""
+                   batches_per_epoch: Optional[int] = None) -> tuple[torch.optim.Optimizer, TrainStep, Schedule]:
+    """Optimizer, step and LR schedule for a task (LR scaled by the total batch over all ranks; the
+    schedule counts the loader's ``batches_per_epoch`` micro-batches, as the official one does)."""
     tr = cfg.train
     precision = resolve_precision(tr.precision, info.device)
     optimizer = build_optimizer(task.groups, cfg.optim, info.device)
@@ -72,7 +73,8 @@ def build_training(task: Task, cfg: FDConfig, info: DistInfo, steps_per_epoch: i
     step_fn = TrainStep(task.train_model, task.loss, optimizer, params, precision=precision,
                         device=info.device, clip_grad=cfg.optim.clip_grad)
     total_batch = tr.batch_size * info.world_size * tr.accum_steps
-    schedule = Schedule(cfg.optim, total_batch, steps_per_epoch, tr.epochs, [g["lr_scale"] for g in task.groups])
+    schedule = Schedule(cfg.optim, total_batch, steps_per_epoch, tr.epochs, [g["lr_scale"] for g in task.groups],
+                        accum_steps=tr.accum_steps, batches_per_epoch=batches_per_epoch)
     return optimizer, step_fn, schedule
 
 
@@ -136,7 +138,8 @@ class Trainer:
         total_steps = self.steps_per_epoch * tr.epochs
         self.last_step = min(total_steps, tr.max_steps) if tr.max_steps else total_steps
         self.total_batch = tr.batch_size * info.world_size * tr.accum_steps
-        self.optimizer, self.step_fn, self.schedule = build_training(self.task, cfg, info, self.steps_per_epoch)
+        self.optimizer, self.step_fn, self.schedule = build_training(self.task, cfg, info, self.steps_per_epoch,
+                                                                       len(self.loader))
         self.step = 0
         self.evaluated_epoch = 0
         self.best: dict[str, Any] = {}
