@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from fdfast import checkpoint as ckpt
 from fdfast.config import ConfigError, config_from_dict, load_config
-from fdfast.distributed import DistInfo
+from fdfast.distributed import DistInfo, shutdown
 from fdfast.tasks.evaluation import eval_counts, summarize_counts
 from fdfast.tasks.finetune import BatchAugment
 from fdfast.trainer import build_task
@@ -211,7 +211,8 @@ def _eval_worker(rank, cfg_dict, init_file, out_dir):
             torch.save(task.model.state_dict(), Path(out_dir) / "model.pt")
         Path(out_dir, f"res{rank}.json").write_text(json.dumps(res))
     finally:
-        dist.destroy_process_group()
+        task = None  # its DDP wrapper holds the group: freed first, then a barrier, then the group goes
+        shutdown()
 
 
 def _reference_eval(model, val_dir, mean, std):

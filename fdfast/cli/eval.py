@@ -91,10 +91,12 @@ def main(argv=None) -> int:
             if args.json:
                 _write_json(Path(args.json), results)
         return 0
+    code = 1
     try:
-        return exit_code(PROG, work, interrupted="no result was written")
+        code = exit_code(PROG, work, interrupted="no result was written")
+        return code
     finally:
-        distributed.shutdown()
+        distributed.shutdown(wait=code == 0)  # a rank that failed alone must not wait for the others
 
 
 if __name__ == "__main__":
