@@ -357,7 +357,8 @@ class Trainer:
         """At an epoch end that the eval cadence asks for, or at the last step."""
         if self.step == self.last_step:
             return True
-        return self.step % self.steps_per_epoch == 0 and (self.step // self.steps_per_epoch) % self.cfg.train.eval_every == 0
+        epoch, within = divmod(self.step, self.steps_per_epoch)
+        return within == 0 and epoch % self.cfg.train.eval_every == 0
 
     def _evaluate(self, should_stop: Optional[StopCheck] = None) -> None:
         ep = math.ceil(self.step / self.steps_per_epoch)
