@@ -192,7 +192,7 @@ CLI_WORKER = textwrap.dedent("""
         barriers.append(1)
         return barrier(*a, **k)
     def checked_destroy(*a, **k):
-        live = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+        live = sum(type(o) is DistributedDataParallel for o in gc.get_objects())
         with open(os.path.join(os.environ["FDFAST_TEST_SHUTDOWN_DIR"], f"shutdown_rank{rank}.json"), "w") as f:
             json.dump({"live_ddp": live, "barriers": len(barriers)}, f)
         return destroy(*a, **k)

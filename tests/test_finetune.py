@@ -529,7 +529,7 @@ def test_demo_config_matches_the_pretrain_demo():
 # ----------------------------------------------------------------------------------------------
 def _metrics(run: Path):
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if r.get("kind") != "eval"], [r for r in lines if r.get("kind") == "eval"]
+    return [r for r in lines if "kind" not in r], [r for r in lines if r.get("kind") == "eval"]
 
 
 def _e2e_dict(tmp_path, train, val, out, **train_kw):

@@ -14,7 +14,7 @@ from fdfast import distributed
 
 
 def _live_ddp() -> int:
-    return sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+    return sum(type(o) is DistributedDataParallel for o in gc.get_objects())
 
 
 @pytest.fixture
