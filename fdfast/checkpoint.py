@@ -204,7 +204,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, state: dict, *, ra
     if rank == 0:
         try:
             rng_files = [f"rng_rank{r}.pt" for r in range(world_size)]
-            meta = {"step": step, "world_size": world_size, "config": config, **_position(state, step, world_size),
+            meta = {"step": step, "world_size": world_size, "config": config, **_position(state, step),
                     "seq": 1 + max((_order_key(p)[0] for _, p in list_checkpoints(output_dir)), default=0)}
             final = _folder_for(root, step, meta)
             _publish(tmp, final, {"format": FORMAT, "version": VERSION, **state}, rng_files, meta)
@@ -219,7 +219,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, state: dict, *, ra
     return final
 
 
-def _position(state: dict, step: int, world_size: int) -> dict:
+def _position(state: dict, step: int) -> dict:
     """Where in the data a checkpoint stands and the geometry that numbers its steps (``meta.json``)."""
     total = state.get("total_batch")
     images = state.get("images")
@@ -235,8 +235,8 @@ def _legacy_images(meta: dict) -> int:
 
 
 def _order_key(path: Path) -> tuple[int, int]:
-    """(write sequence, images seen) of a checkpoint folder; (-1, -1) when its meta.json is unreadable
-    (such a folder is oldest: pruned first, never preferred to a readable one)."""
+    """(write sequence, images seen) of a checkpoint folder; (-1, -1) when its meta.json is unreadable: such
+    a folder counts as oldest (never preferred to a readable one) and pruning leaves it alone."""
     try:
         meta = read_meta(path)
         images = meta.get("images")
@@ -314,7 +314,8 @@ def _raise_write_error(error: Optional[BaseException], root: Path, step: int) ->
 
 
 def _prune(root: Path, keep: int) -> None:
-    for _, path in list_checkpoints(root.parent)[:-max(keep, 1)]:  # oldest first
+    # oldest first; a folder whose meta.json cannot be read (maybe only for now) is left for the user
+    for _, path in [c for c in list_checkpoints(root.parent) if _order_key(c[1])[0] >= 0][:-max(keep, 1)]:
         shutil.rmtree(path, ignore_errors=True)
     for stale in root.glob(".tmp_step_*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)

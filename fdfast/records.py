@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .checkpoint import atomic_write
-from .logging import append_jsonl
+from .logging import append_jsonl, log
 
 
 def truncate_metrics(path: Path, step: int, *, drop_eval_at_step: bool = False) -> None:
@@ -57,6 +57,9 @@ def record_preemption(output_dir: Path, metrics_path: Path, *, step: int, metric
     """Rank 0, once the checkpoint of ``step`` is complete: the ``preempted`` record in metrics.jsonl and
     summary.json."""
     where = {"images": images, "signal": signal_name(signum), "checkpoint": str(checkpoint) if checkpoint else None}
-    append_jsonl(metrics_path, {"kind": "preempted", "step": metrics_step, **where, "wall_time": time.time()})
-    write_summary(output_dir, {"status": "preempted", "preempted": {"step": step, **where},
-                               "output_dir": str(output_dir), "wall_time": time.time()})
+    try:
+        append_jsonl(metrics_path, {"kind": "preempted", "step": metrics_step, **where, "wall_time": time.time()})
+        write_summary(output_dir, {"status": "preempted", "preempted": {"step": step, **where},
+                                   "output_dir": str(output_dir), "wall_time": time.time()})
+    except OSError as e:  # the checkpoint is what matters: the stop goes on
+        log(f"WARNING: could not record the preemption in {output_dir} ({e.strerror or e})")

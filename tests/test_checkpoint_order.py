@@ -102,3 +102,14 @@ def test_a_resume_drops_the_records_logged_after_its_checkpoint(tmp_path):
     path.write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 4, "lo')  # a line cut by a kill
     truncate_metrics(path, 2, drop_eval_at_step=True)  # the evaluation at step 2 is done again
     assert _records(tmp_path) == lines[:2]
+
+
+def test_pruning_leaves_a_folder_whose_meta_cannot_be_read(tmp_path):
+    """Such a folder is never resumed from, but an unreadable meta.json may be a passing file-system error:
+    deleting what might be the newest checkpoint is not pruning's call."""
+    first = ckpt.save_checkpoint(tmp_path, 1, _state(1, 8, 16, 8), keep=1)
+    garbled = ckpt.ckpt_root(tmp_path) / "step_00000009"
+    garbled.mkdir()
+    (garbled / "meta.json").write_text("{")
+    newest = ckpt.save_checkpoint(tmp_path, 2, _state(2, 8, 16, 16), keep=1)
+    assert not first.exists() and garbled.exists() and ckpt.find_latest(tmp_path) == newest
