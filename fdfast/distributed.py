@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -146,7 +147,8 @@ def lost_rank(error: BaseException, where: str, wait_s: float = 3.0) -> LostRank
                         f"rank {r}" for r in lost)
         what = f"lost {who}"
     else:
-        what = f"lost another rank ({str(error).split(']', 1)[-1].split('.')[0].strip() or type(error).__name__})"
+        first = re.sub(r"^\[[^\]]*\]\s*", "", str(error)).split(". ")[0].strip()  # gloo: "[file:line] what. ..."
+        what = f"lost another rank ({first or type(error).__name__})"
     return LostRank(f"rank {rank} of {world} {what} {where}; the job cannot continue without it. Its launcher's "
                     "log says why it ended; rerun the same command to resume from the last checkpoint")
 

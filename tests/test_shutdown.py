@@ -45,3 +45,26 @@ def test_ddp_garbage_is_freed_and_ranks_meet_before_the_group_goes(group, monkey
         gc.enable()
     assert calls == (["barrier"] if wait else []) + [("destroy", 0)]
     assert not dist.is_initialized()
+
+
+def test_a_lost_peer_is_named_by_its_process_on_this_host(monkeypatch):
+    import os
+    import socket
+    import subprocess
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    host = socket.gethostname()
+    monkeypatch.setattr(distributed, "_BROKEN", False)
+    monkeypatch.setattr(distributed, "_PROCESSES", [(host, ended.pid), (host, os.getpid()), ("node9", 1)])
+    monkeypatch.setattr(dist, "get_rank", lambda *a: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 3)
+    gloo = RuntimeError("[third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+                        "[10.0.0.9]:47269. This is typically caused by a remote worker crashing.")
+    e = distributed.lost_rank(gloo, "after step 5", wait_s=0.2)
+    assert str(e).startswith(f"rank 1 of 3 lost rank 0 (process {ended.pid} on {host}) after step 5; ")
+    assert distributed._BROKEN  # the shutdown that follows must not wait at a barrier
+    # nobody gone on this host, three ranks: the transport's own words stand in for the name
+    monkeypatch.setattr(distributed, "_PROCESSES", [(host, os.getpid())] * 2 + [("node9", 1)])
+    e = distributed.lost_rank(gloo, "after step 5", wait_s=0.2)
+    assert "lost another rank (Connection closed by peer [10.0.0.9]:47269) after step 5" in str(e)
