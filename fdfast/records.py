@@ -8,6 +8,7 @@
   then go on counting from the checkpoint's, so that ``step`` never repeats or goes back (TensorBoard
   and W&B need that too). ``images`` (the data position in images) compares across world sizes. A resume
   drops the records logged after its checkpoint: they are logged again.
+* ``config.yaml``: this start's resolved config; an earlier, different one is kept beside it.
 * ``summary.json``: how the last start ended. ``"status": "finished"`` with the run's totals, or
   ``"status": "preempted"`` with ``preempted`` = the step, images, signal and checkpoint to resume from:
   what a job scheduler reads to tell "preempted, requeue me" from "failed" (torchrun exits 1 for both).
@@ -20,8 +21,11 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
+
 from .checkpoint import atomic_write
 from .logging import append_jsonl, log
+from .resume import archive_config
 
 
 def truncate_metrics(path: Path, step: int, *, drop_eval_at_step: bool = False) -> None:
@@ -39,6 +43,25 @@ def truncate_metrics(path: Path, step: int, *, drop_eval_at_step: bool = False) 
         if at < step or (at == step and not (drop_eval_at_step and record.get("kind") == "eval")):
             keep.append(line)
     atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in keep)))
+
+
+def note_resume(path: Path, state: dict, *, metrics_step: int, step: int, images: int, world_size: int,
+                total_batch: int, redo_eval: bool) -> None:
+    """Rank 0, resuming from the checkpoint ``state``: drop the records logged after it, and say where the
+    run's step numbering changed (another total batch)."""
+    truncate_metrics(path, metrics_step, drop_eval_at_step=redo_eval)
+    if step != int(state["step"]):
+        append_jsonl(path, {"kind": "resume", "step": metrics_step, "run_step": step, "from_step": int(state["step"]),
+                            "images": images, "world_size": world_size, "total_batch": total_batch})
+
+
+def write_config(output_dir: Path, config: dict) -> None:
+    """``config.yaml`` = this start's resolved config; an earlier, different one is kept beside it."""
+    text = yaml.safe_dump(config, sort_keys=False)
+    kept = archive_config(output_dir / "config.yaml", text)
+    if kept is not None:
+        log(f"the previous start's config is kept as {kept}")
+    (output_dir / "config.yaml").write_text(text)
 
 
 def write_summary(output_dir: Path, summary: dict[str, Any]) -> None:

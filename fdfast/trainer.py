@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-import yaml
 
 import pipelines
 
@@ -30,11 +29,11 @@ from .distributed import (DistInfo, all_reduce_mean, any_rank, broadcast_object,
                           lost_rank, max_rank)
 from .errors import UserError
 from .guard import RunLock, StopRequest
-from .logging import Progress, append_jsonl, log
+from .logging import Progress, log
 from .tracking import Tracker, device_peak_memory_gib, run_environment
 from .optim import Schedule, build_optimizer
-from .records import record_preemption, signal_name, truncate_metrics, write_summary
-from .resume import archive_config, check_config_drift, choose_checkpoint, map_position
+from .records import note_resume, record_preemption, signal_name, write_config, write_summary
+from .resume import check_config_drift, choose_checkpoint, map_position
 from .rng import seed_all, set_rng_state
 from .step import TrainStep, resolve_precision
 from .tasks import TASKS, EvaluationStopped, Task
@@ -195,22 +194,14 @@ class Trainer:
         if rng is not None and same_world:
             set_rng_state(rng)  # else every rank keeps the seed + rank streams it started with
         if info.is_main:
-            truncate_metrics(self.metrics_path, self.metrics_step, drop_eval_at_step=self._eval_pending())
-            if self.step != int(state["step"]):
-                append_jsonl(self.metrics_path, {"kind": "resume", "step": self.metrics_step, "run_step": self.step,
-                                                 "from_step": int(state["step"]), "images": self.images,
-                                                 "world_size": info.world_size, "total_batch": self.total_batch})
+            note_resume(self.metrics_path, state, metrics_step=self.metrics_step, step=self.step, images=self.images,
+                        world_size=info.world_size, total_batch=self.total_batch, redo_eval=self._eval_pending())
             log(f"resumed from {chosen} at step {self.step} (epoch {self.step // self.steps_per_epoch})")
         return chosen
 
     def write_config(self) -> None:
-        """``config.yaml`` = this start's resolved config; an earlier, different one is kept beside it."""
         if self.info.is_main:
-            text = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
-            kept = archive_config(self.out / "config.yaml", text)
-            if kept is not None:
-                log(f"the previous start's config is kept as {kept}")
-            (self.out / "config.yaml").write_text(text)
+            write_config(self.out, to_dict(self.cfg))
 
     def save(self) -> Optional[Path]:
         path = ckpt.save_checkpoint(self.out, self.step, self.state_dict(), rank=self.info.rank,
