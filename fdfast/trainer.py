@@ -218,12 +218,13 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         try:
-            with StopRequest() as stop:
-                return self._fit(stop)
-        except RuntimeError as e:  # a collective the loop waited in failed: one line, not gloo's traceback
-            if not is_lost_peer(e):
-                raise
-            raise lost_rank(e, f"after step {self.step}") from None
+            with StopRequest() as stop:  # also while naming a lost peer: the launcher's SIGTERM comes meanwhile
+                try:
+                    return self._fit(stop)
+                except RuntimeError as e:  # a collective the loop waited in failed: one line, not a traceback
+                    if not is_lost_peer(e):
+                        raise
+                    raise lost_rank(e, f"after step {self.step}") from None
         finally:
             self.lock.release()
 

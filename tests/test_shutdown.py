@@ -4,6 +4,10 @@ is destroyed (at interpreter exit) can abort the process ("terminate called with
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,3 +72,40 @@ def test_a_lost_peer_is_named_by_its_process_on_this_host(monkeypatch):
     monkeypatch.setattr(distributed, "_PROCESSES", [(host, os.getpid())] * 2 + [("node9", 1)])
     e = distributed.lost_rank(gloo, "after step 5", wait_s=0.2)
     assert "lost another rank (Connection closed by peer [10.0.0.9]:47269) after step 5" in str(e)
+
+
+SURVIVOR = textwrap.dedent("""
+    import os, signal, sys, time
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    from conftest import tiny_dict
+    from fdfast import trainer
+    from fdfast.config import config_from_dict
+    from fdfast.distributed import LostRank
+
+    def lost_rank(error, where, wait_s=3.0):  # the launcher's SIGTERM arrives while the lost peer is looked for
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+        return LostRank("rank 1 of 2 lost rank 0 " + where)
+
+    def failed_collective(stop):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [10.0.0.9]:47269")
+
+    trainer.is_lost_peer, trainer.lost_rank = (lambda e: True), lost_rank
+    t = trainer.Trainer(config_from_dict(tiny_dict(Path(sys.argv[1]))))
+    t._fit = failed_collective
+    try:
+        t.fit()
+    except LostRank as e:
+        print("survived:", e)
+""")
+
+
+def test_the_launchers_sigterm_does_not_end_a_survivor_before_its_line(tmp_path):
+    """torchrun sends the survivors SIGTERM as soon as it sees a worker die, which can be while a survivor
+    waits to name the lost rank: the stop-signal handling must still be in place then."""
+    script = tmp_path / "survivor.py"
+    script.write_text(SURVIVOR.format(tests=str(Path(__file__).parent)))
+    r = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).parents[1])
+    assert r.returncode == 0 and "survived: rank 1 of 2 lost rank 0 after step 0" in r.stdout, r.stderr[-2000:]
