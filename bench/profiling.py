@@ -33,7 +33,7 @@ from bench.report import Recorder
 from bench.step import build_fast_step
 from bench.tables import Table, card_slug, fmt, markdown, print_tables
 from bench.timing import fresh_start, sync
-from fdfast.checkpoint import atomic_write
+from fdfast.files import atomic_write
 from fdfast.config import load_config
 from fdfast.distributed import DistInfo
 

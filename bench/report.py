@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from fdfast.checkpoint import atomic_write
+from fdfast.files import atomic_write
 from fdfast.tracking import run_environment
 
 

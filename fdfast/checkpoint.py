@@ -1,10 +1,16 @@
-"""Atomic, verified, resumable training checkpoints (and the repository's one atomic file writer).
+"""Atomic, verified, resumable training checkpoints (written with :mod:`fdfast.files`, the one atomic writer).
 
 Layout: ``<output_dir>/checkpoints/step_00000500/`` holding ``state.pt`` (``Trainer.state_dict()``:
 model, optimizer, scaler, step, epoch, config; written by rank 0), ``rng_rank{r}.pt`` (each rank's RNG
-states) and ``meta.json`` (written last: format, step, world size, the resolved config, and the byte size
-and SHA-256 of every file). The folder is built under a temporary name and renamed into place, so a
-``step_*`` folder exists only once complete.
+states) and ``meta.json`` (written last: format, step, world size, the resolved config, the run geometry
+and the images seen, the write sequence number, and the byte size and SHA-256 of every file). The folder is
+built under a temporary name and renamed into place, so a ``step_*`` folder exists only once complete.
+
+Order: a step means another number of images once the world size (the total batch) changes, so
+checkpoints are ordered by ``meta.json``'s write sequence, then images seen, never by the step in their
+name. Folders of earlier versions (no sequence) come first, ordered by the images their step and config
+imply. A step number already taken by a checkpoint of another geometry or position gets the name
+``step_XXXXXXXX_img<images>``: a checkpoint of another run geometry is never overwritten.
 
 Guarantees:
 
@@ -24,23 +30,22 @@ import errno
 import hashlib
 import json
 import os
-import random
 import re
-import secrets
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-import numpy as np
 import torch
 
 from . import distributed as dist_utils
-from .errors import OutputNotWritable, UserError
+from .errors import UserError
+from .files import fsync_dir
 from .interop.reading import load_torch_file
+from .rng import rng_state
 
 FORMAT = "fdfast-train"
 VERSION = 2
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
+_STEP_DIR = re.compile(r"^step_(\d{8})(?:_img\d+)?(?:_\d+)?$")
 _CHUNK = 1 << 22
 
 
@@ -58,98 +63,6 @@ class NonFiniteState(RuntimeError):
 
 def ckpt_root(output_dir: str | os.PathLike) -> Path:
     return Path(output_dir) / "checkpoints"
-
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": [list(random.getstate()[1]), random.getstate()[2]],
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    py = state["python"]
-    random.setstate((3, tuple(py[0]), py[1]))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:  # make a rename durable (best effort: not every filesystem allows syncing a folder)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def make_folder(folder: str | os.PathLike) -> Path:
-    """Create ``folder`` (and its parents) for output, or raise :class:`OutputNotWritable` in one line
-    (a file in the way, no permission) instead of an OSError traceback."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
-        why = f"'{blocker}' is a file, not a folder" if blocker is not None else e.strerror or str(e)
-        raise OutputNotWritable(f"cannot create the output folder '{folder}': {why}; choose another output "
-                                "path") from None
-    return folder
-
-
-def missing_folders(folder: str | os.PathLike) -> list[Path]:
-    """``folder`` and its ancestors that do not exist yet, deepest first: what :func:`make_folder` is about
-    to create, so that a command refused before its work can remove them again (:func:`remove_empty_folders`)."""
-    missing, path = [], Path(folder).absolute()
-    while not path.exists() and not path.is_symlink() and path != path.parent:
-        missing.append(path)
-        path = path.parent
-    return missing
-
-
-def remove_empty_folders(folders: list[Path]) -> None:
-    """Remove ``folders`` (deepest first) while they are empty: a refused command leaves no empty output folder."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:  # not empty (something else writes there), or gone already
-            return
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary name in ``path``'s folder, fsync it, then rename to ``path``.
-
-    Same folder so that ``os.replace`` is an atomic rename on one filesystem; the temporary file is removed
-    if anything fails, so ``path`` is either the old file or the complete new one.
-    """
-    path = make_folder(Path(path).parent) / Path(path).name
-    # a fresh unguessable name, created by the writer itself so the file gets the usual umask permissions
-    # (tempfile.mkstemp would leave it 0600 after the rename)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:  # the writer may have closed the file without syncing
-            os.fsync(f.fileno())
-        # some writers (safetensors) create 0600 files; give the usual umask permissions
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
 
 
 class _HashingFile:
@@ -233,7 +146,6 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, state: dict, *, ra
         where = f": {', '.join(bad[:5])}" + (" ..." if len(bad) > 5 else "") if bad else " (on another rank)"
         raise NonFiniteState(f"refusing to save step {step}: the state holds NaN/Inf values{where}")
     root = ckpt_root(output_dir)
-    final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
     error: Optional[BaseException] = None
     try:
@@ -254,11 +166,14 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, state: dict, *, ra
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         _raise_write_error(error, root, step)
+    final = None
     if rank == 0:
         try:
             rng_files = [f"rng_rank{r}.pt" for r in range(world_size)]
-            _publish(tmp, final, {"format": FORMAT, "version": VERSION, **state}, rng_files,
-                     {"step": step, "world_size": world_size, "config": config})
+            meta = {"step": step, "world_size": world_size, "config": config, **_position(state, step),
+                    "seq": 1 + max((_order_key(p)[0] for _, p in list_checkpoints(output_dir)), default=0)}
+            final = _folder_for(root, step, meta)
+            _publish(tmp, final, {"format": FORMAT, "version": VERSION, **state}, rng_files, meta)
             _prune(root, keep)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -267,7 +182,54 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, state: dict, *, ra
             error = e
     if dist_utils.any_rank(error is not None):
         _raise_write_error(error, root, step)
-    return final if rank == 0 else None
+    return final
+
+
+def _position(state: dict, step: int) -> dict:
+    """Where in the data a checkpoint stands and the geometry that numbers its steps (``meta.json``)."""
+    total = state.get("total_batch")
+    images = state.get("images")
+    return {"images": int(images) if images is not None else (step * int(total) if total else None),
+            "total_batch": int(total) if total else None, "steps_per_epoch": state.get("steps_per_epoch")}
+
+
+def _legacy_images(meta: dict) -> int:
+    """Images seen at a checkpoint of an earlier version: its step times the total batch of its config."""
+    train = (meta.get("config") or {}).get("train") or {}
+    total = int(train.get("batch_size") or 1) * int(meta.get("world_size") or 1) * int(train.get("accum_steps") or 1)
+    return int(meta.get("step") or 0) * total
+
+
+def _order_key(path: Path) -> tuple[int, int]:
+    """(write sequence, images seen) of a checkpoint folder; (-1, -1) when its meta.json is unreadable: such
+    a folder counts as oldest (never preferred to a readable one) and pruning leaves it alone."""
+    try:
+        meta = read_meta(path)
+        images = meta.get("images")
+        return int(meta.get("seq") or 0), int(images) if images is not None else _legacy_images(meta)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return -1, -1
+
+
+def _folder_for(root: Path, step: int, meta: dict) -> Path:
+    """``step_XXXXXXXX``, unless a checkpoint at another position or of another geometry has that name."""
+    base = f"step_{step:08d}"
+    first = f"{base}_img{meta['images']}" if meta.get("images") is not None else base
+    for name in [base, first] + [f"{first}_{n}" for n in range(2, 1000)]:
+        if not (root / name).exists() or _same_position(root / name, meta):
+            return root / name
+    raise CheckpointWriteError(f"{root} holds 1000 checkpoints named {base}*; move the old ones away")
+
+
+def _same_position(folder: Path, meta: dict) -> bool:
+    """Whether ``folder`` is this position of this geometry (saving it again replaces it) or unreadable
+    (verify() rejects it anyway, so replacing it loses nothing)."""
+    try:
+        there = read_meta(folder)
+    except (OSError, ValueError):
+        return True
+    return isinstance(there, dict) and all(there.get(k) == meta.get(k)
+                                           for k in ("world_size", "images", "total_batch", "steps_per_epoch"))
 
 
 def _publish(tmp: Path, final: Path, state: dict, extra_files: list[str], meta: dict) -> None:
@@ -283,7 +245,7 @@ def _publish(tmp: Path, final: Path, state: dict, extra_files: list[str], meta: 
     if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def save_best(output_dir: str | os.PathLike, state: dict, *, config: Optional[dict] = None) -> Path:
@@ -318,20 +280,22 @@ def _raise_write_error(error: Optional[BaseException], root: Path, step: int) ->
 
 
 def _prune(root: Path, keep: int) -> None:
-    steps = sorted(list_checkpoints(root.parent), reverse=True)
-    for _, path in steps[max(keep, 1):]:
+    # oldest first; a folder whose meta.json cannot be read (maybe only for now) is left for the user
+    for _, path in [c for c in list_checkpoints(root.parent) if _order_key(c[1])[0] >= 0][:-max(keep, 1)]:
         shutil.rmtree(path, ignore_errors=True)
     for stale in root.glob(".tmp_step_*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every checkpoint folder, oldest first (see "Order" in the module docstring)."""
     root = ckpt_root(output_dir)
     try:
         entries = list(root.iterdir()) if root.is_dir() else []
     except OSError as e:
         raise CheckpointLoadError(f"cannot list {root} ({e.strerror}); check its permissions") from None
-    return sorted((int(m.group(1)), p) for p in entries if (m := _STEP_DIR.match(p.name)) and p.is_dir())
+    found = [(int(m.group(1)), p) for p in entries if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(found, key=lambda sp: (*_order_key(sp[1]), sp[0], sp[1].name))
 
 
 def read_meta(path: str | os.PathLike) -> dict:

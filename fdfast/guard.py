@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from .checkpoint import missing_folders, remove_empty_folders
+from .files import missing_folders, remove_empty_folders
 from .errors import OutputNotWritable, UserError
 
 EXIT_PREEMPTED = 4

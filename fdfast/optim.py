@@ -12,7 +12,7 @@ Rules follow the official ``optimizer.py`` (spec §1.7, §2.3):
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -166,16 +166,33 @@ class Schedule:
     and the scheduler starts at ``warmup_lr``: step ``t`` therefore runs with the schedule's value at
     ``t - 1``, and steps 0 and 1 both run at the warm-up start. Layer decay multiplies only the peak:
     every group warms up from the same ``warmup_lr`` and ends at the same ``min_lr`` (timm scheduler
-    semantics, spec pitfall 14)."""
+    semantics, spec pitfall 14).
+
+    With gradient accumulation (``accum_steps`` = A > 1) the schedule counts **micro-batches**, as the
+    official one does: it is built over ``len(loader)`` micro-batches per epoch (``batches_per_epoch``),
+    warm-up included, and after the optimizer step that ends on micro-batch ``idx`` of the epoch it is
+    set to ``epoch * len(loader) + idx``. Optimizer step k > 0 of an epoch therefore runs at micro-batch
+    ``k * A - 1`` of the schedule (the last micro-batch of the step before), not at ``(k - 1) * A``:
+    A - 1 micro-batches further along the warm-up than counting optimizer steps would be."""
 
     def __init__(self, cfg: OptimConfig, total_batch: int, steps_per_epoch: int, epochs: int,
-                 lr_scales: list[float]):
+                 lr_scales: list[float], *, accum_steps: int = 1, batches_per_epoch: Optional[int] = None):
         self.peak, self.warmup_lr, self.min_lr = scaled_lrs(cfg, total_batch)
-        self.total_steps = steps_per_epoch * epochs
-        self.warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
+        self.steps_per_epoch, self.accum_steps = steps_per_epoch, accum_steps
+        # micro-batches per epoch: the leftover ones (len(loader) % A) are read by no optimizer step
+        self.batches_per_epoch = batches_per_epoch or steps_per_epoch * accum_steps
+        self.total_steps = self.batches_per_epoch * epochs
+        self.warmup_steps = int(cfg.warmup_epochs * self.batches_per_epoch)
         self.lr_scales = lr_scales
 
+    def micro_batch(self, step: int) -> int:
+        """The schedule position optimizer step ``step`` runs at: the last micro-batch of the step before."""
+        if step == 0:
+            return 0
+        epoch, k = divmod(step - 1, self.steps_per_epoch)
+        return epoch * self.batches_per_epoch + (k + 1) * self.accum_steps - 1
+
     def __call__(self, step: int) -> list[float]:
-        t = max(step - 1, 0)
+        t = self.micro_batch(step)
         return [lr_at(t, self.total_steps, self.warmup_steps, self.peak * s, self.warmup_lr, self.min_lr)
                 for s in self.lr_scales]

@@ -1,8 +1,9 @@
 """Resuming a run: which checkpoint, whether the config still fits it, and where in the data to continue.
 
 * **Which checkpoint.** ``train.resume=true`` (default): the newest complete, intact checkpoint of
-  ``output_dir``; damaged or incomplete ones are skipped with a warning and the next older is tried,
-  also when one verifies but fails to load. ``train.resume=PATH``: that checkpoint (a ``step_*`` folder
+  ``output_dir`` (newest by write sequence, then images seen: see ``fdfast.checkpoint``); damaged or
+  incomplete ones are skipped with a warning and the next older is tried, also when one verifies but
+  fails to load. ``train.resume=PATH``: that checkpoint (a ``step_*`` folder
   or its ``state.pt``) when ``output_dir`` has none of its own yet; once the run has written checkpoints
   a rerun continues from its own latest, so a restarted job never goes back. ``false``: start fresh.
 * **Config drift.** The new resolved config is compared with the one the checkpoint was written with.
@@ -13,7 +14,8 @@
   the checkpoint's weights cannot continue as another network. Keys only the command line may set
   (``model.trust_pickle`` of earlier versions) are dropped from the saved config unread.
 * **World size.** The data position is counted in images: ``(step within epoch) x total batch`` of the
-  run that wrote the checkpoint, mapped onto the new total batch. Under the torchvision and nvJPEG
+  run that wrote the checkpoint, mapped onto the new total batch; the run's count of images seen goes on
+  from the checkpoint's (less the images of the epoch read again). Under the torchvision and nvJPEG
   backends the ranks' shards interleave one global permutation, so the images left in the epoch are
   exactly the same; DALI and FFCV cut contiguous shards, so the count is the same but not the set. Ranks
   without a saved RNG state start from ``seed + rank`` (drop path, augmentation draws differ from an
@@ -150,8 +152,8 @@ def choose_checkpoint(output_dir: Path, resume: Any, on_skip: Callable[[Path, st
     named = Path(str(resume))
     folder = named.parent if named.name == "state.pt" else named
     if not folder.exists():
-        raise CheckpointLoadError(f"train.resume={str(resume)!r} does not exist; name a step_XXXXXXXX checkpoint "
-                                  "folder")
+        raise CheckpointLoadError(f"train.resume={str(resume)!r} does not exist; name a checkpoint folder "
+                                  "(<run>/checkpoints/step_XXXXXXXX) or a run folder")
     if (folder / "meta.json").exists():
         why = verify(folder)
         if why is not None:
@@ -166,10 +168,12 @@ def choose_checkpoint(output_dir: Path, resume: Any, on_skip: Callable[[Path, st
 
 @dataclass(frozen=True)
 class Position:
-    """Where to continue: the optimizer step in the new run's numbering, and how it was derived."""
+    """Where to continue: the optimizer step in the new run's numbering, the images seen there, and how it
+    was derived."""
     step: int
     exact: bool
     note: str
+    images: int
 
 
 def map_position(state: dict, steps_per_epoch: int, total_batch: int) -> Position:
@@ -177,13 +181,15 @@ def map_position(state: dict, steps_per_epoch: int, total_batch: int) -> Positio
     old_step = int(state["step"])
     old_spe = int(state.get("steps_per_epoch") or steps_per_epoch)
     old_total = int(state.get("total_batch") or total_batch)
+    seen = int(state.get("images", old_step * old_total))  # checkpoints before the count: one geometry
     if (old_spe, old_total) == (steps_per_epoch, total_batch):
-        return Position(old_step, True, "")
+        return Position(old_step, True, "", seen)
     epoch, within = divmod(old_step, old_spe)
     images = within * old_total
-    step = epoch * steps_per_epoch + min(images // total_batch, steps_per_epoch)
+    new_within = min(images // total_batch, steps_per_epoch)
+    step = epoch * steps_per_epoch + new_within
     exact = images % total_batch == 0
     note = (f"the checkpoint was written at step {old_step} with {old_total} images per step; continuing at "
             f"step {step} with {total_batch} images per step (epoch {epoch}, image {images} of the epoch"
             + ("" if exact else f", {images % total_batch} images of the epoch are seen twice") + ")")
-    return Position(step, exact, note)
+    return Position(step, exact, note, seen - images + new_within * total_batch)

@@ -7,34 +7,34 @@ A *task* (``fdfast.tasks``, picked by ``train.task``) owns the models and the pe
 resumes (``fdfast.resume``). ``Trainer.state_dict()`` is exactly what a checkpoint holds.
 
 Safety (``fdfast.guard``, ``fdfast.checkpoint``): one run per output folder (a lock); SIGTERM / SIGINT /
-SIGUSR1 finish the current step, write a checkpoint and exit with ``EXIT_PREEMPTED``; a step whose
-gradient norm is NaN/Inf is skipped (counted in ``skipped_steps``), a NaN/Inf loss stops the run before
-anything else is saved, and no checkpoint ever holds a non-finite tensor.
+SIGUSR1 finish the current step, write a checkpoint and a ``preempted`` record (``fdfast.records``) and exit
+with ``EXIT_PREEMPTED``; a step whose gradient norm is NaN/Inf is skipped (counted in ``skipped_steps``), a
+NaN/Inf loss stops the run before anything else is saved, and no checkpoint ever holds a non-finite tensor.
+A peer process that dies makes the survivors raise :class:`~fdfast.distributed.LostRank` (one line).
 """
 from __future__ import annotations
 
-import json
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
-import yaml
 
 import pipelines
 
 from . import checkpoint as ckpt
 from .config import ConfigError, FDConfig, to_dict
-from .distributed import DistInfo, all_reduce_mean, any_rank, broadcast_object, init_distributed
+from .distributed import (DistInfo, all_reduce_mean, any_rank, broadcast_object, init_distributed, is_lost_peer,
+                          lost_rank, max_rank)
 from .errors import UserError
 from .guard import RunLock, StopRequest
-from .logging import Progress, append_jsonl, log
+from .logging import Progress, log
 from .tracking import Tracker, device_peak_memory_gib, run_environment
 from .optim import Schedule, build_optimizer
-from .resume import archive_config, check_config_drift, check_state_fits, choose_checkpoint, map_position
+from .records import note_resume, record_preemption, signal_name, write_config, write_summary
+from .resume import check_config_drift, check_state_fits, choose_checkpoint, map_position
+from .rng import seed_all, set_rng_state
 from .step import TrainStep, resolve_precision
 from .tasks import TASKS, EvaluationStopped, Task
 from .tasks.classes import resolve_num_classes
@@ -49,12 +49,6 @@ class Preempted(Exception):
     """A stop signal arrived; a checkpoint of the current step was written."""
 
 
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def build_task(cfg: FDConfig, info: DistInfo, compile_backend: Optional[str] = None, *,
                trust_pickle: bool = False) -> Task:
     """The task of ``train.task``; ``compile_backend`` (distillation only) is for CPU checks of the
@@ -65,8 +59,9 @@ def build_task(cfg: FDConfig, info: DistInfo, compile_backend: Optional[str] = N
 
 
 def build_training(task: Task, cfg: FDConfig, info: DistInfo, steps_per_epoch: int,
-                   ) -> tuple[torch.optim.Optimizer, TrainStep, Schedule]:
-    """Optimizer, step and LR schedule for a task (LR scaled by the total batch over all ranks)."""
+                   batches_per_epoch: Optional[int] = None) -> tuple[torch.optim.Optimizer, TrainStep, Schedule]:
+    """Optimizer, step and LR schedule for a task (LR scaled by the total batch over all ranks; the
+    schedule counts the loader's ``batches_per_epoch`` micro-batches, as the official one does)."""
     tr = cfg.train
     precision = resolve_precision(tr.precision, info.device)
     optimizer = build_optimizer(task.groups, cfg.optim, info.device)
@@ -74,22 +69,9 @@ def build_training(task: Task, cfg: FDConfig, info: DistInfo, steps_per_epoch: i
     step_fn = TrainStep(task.train_model, task.loss, optimizer, params, precision=precision,
                         device=info.device, clip_grad=cfg.optim.clip_grad)
     total_batch = tr.batch_size * info.world_size * tr.accum_steps
-    schedule = Schedule(cfg.optim, total_batch, steps_per_epoch, tr.epochs, [g["lr_scale"] for g in task.groups])
+    schedule = Schedule(cfg.optim, total_batch, steps_per_epoch, tr.epochs, [g["lr_scale"] for g in task.groups],
+                        accum_steps=tr.accum_steps, batches_per_epoch=batches_per_epoch)
     return optimizer, step_fn, schedule
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """After a resume, drop metric lines logged after the checkpoint (they will be re-logged)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except ValueError:
-            continue
-    path.write_text("".join(line + "\n" for line in keep))
 
 
 def _agreed_error(error: Optional[UserError], what: str) -> None:
@@ -140,8 +122,11 @@ class Trainer:
         total_steps = self.steps_per_epoch * tr.epochs
         self.last_step = min(total_steps, tr.max_steps) if tr.max_steps else total_steps
         self.total_batch = tr.batch_size * info.world_size * tr.accum_steps
-        self.optimizer, self.step_fn, self.schedule = build_training(self.task, cfg, info, self.steps_per_epoch)
-        self.step = 0
+        self.optimizer, self.step_fn, self.schedule = build_training(self.task, cfg, info, self.steps_per_epoch,
+                                                                       len(self.loader))
+        # step: position in this geometry's numbering (schedule, data order, checkpoint names); images: the
+        # same position in images (comparable across world sizes); metrics_step: metrics.jsonl's x-axis
+        self.step = self.images = self.metrics_step = 0
         self.evaluated_epoch = 0
         self.best: dict[str, Any] = {}
         self.metrics_path = self.out / "metrics.jsonl"
@@ -150,7 +135,8 @@ class Trainer:
     def state_dict(self) -> dict:
         """What a checkpoint holds (tensors and plain values only: ``weights_only=True`` reads it)."""
         return {"model": self.task.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "step_state": self.step_fn.state_dict(), "step": self.step,
+                "step_state": self.step_fn.state_dict(), "step": self.step, "images": self.images,
+                "metrics_step": self.metrics_step,
                 "epoch": self.step // self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
                 "total_batch": self.total_batch, "world_size": self.info.world_size,
                 "evaluated_epoch": self.evaluated_epoch, "config": to_dict(self.cfg), "best": self.best,
@@ -165,7 +151,8 @@ class Trainer:
         position = map_position(state, self.steps_per_epoch, self.total_batch)
         if position.note and self.info.is_main:
             log(f"WARNING: {position.note}")
-        self.step = position.step
+        self.step, self.images = position.step, position.images
+        self.metrics_step = int(state.get("metrics_step", state["step"]))  # before the field: one numbering
         spe_old = int(state.get("steps_per_epoch") or self.steps_per_epoch)
         # checkpoints before this field: an epoch boundary was evaluated before the checkpoint was written
         self.evaluated_epoch = int(state.get("evaluated_epoch", int(state["step"]) // spe_old))
@@ -210,36 +197,39 @@ class Trainer:
         self.load_state_dict(state)
         same_world = int(state.get("world_size", info.world_size)) == info.world_size
         if rng is not None and same_world:
-            ckpt.set_rng_state(rng)  # else every rank keeps the seed + rank streams it started with
+            set_rng_state(rng)  # else every rank keeps the seed + rank streams it started with
         if info.is_main:
-            _truncate_metrics(self.metrics_path, int(state["step"]))  # the checkpoint's own step numbering
-            if self.step != int(state["step"]):
-                append_jsonl(self.metrics_path, {"kind": "resume", "step": self.step, "from_step": int(state["step"]),
-                                                 "world_size": info.world_size, "total_batch": self.total_batch})
+            note_resume(self.metrics_path, state, metrics_step=self.metrics_step, step=self.step, images=self.images,
+                        world_size=info.world_size, total_batch=self.total_batch, redo_eval=self._eval_pending())
             log(f"resumed from {chosen} at step {self.step} (epoch {self.step // self.steps_per_epoch})")
         return chosen
 
     def write_config(self) -> None:
-        """``config.yaml`` = this start's resolved config; an earlier, different one is kept beside it."""
         if self.info.is_main:
-            text = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
-            kept = archive_config(self.out / "config.yaml", text)
-            if kept is not None:
-                log(f"the previous start's config is kept as {kept}")
-            (self.out / "config.yaml").write_text(text)
+            write_config(self.out, to_dict(self.cfg))
 
-    def save(self) -> None:
+    def save(self) -> Optional[Path]:
         path = ckpt.save_checkpoint(self.out, self.step, self.state_dict(), rank=self.info.rank,
                                     keep=self.cfg.checkpoint.keep, world_size=self.info.world_size,
                                     config=to_dict(self.cfg))
         if path is not None:
             log(f"checkpoint {path}")
+        return path
+
+    def close(self) -> None:
+        """Drop the models: the DDP wrapper's reducer holds the process group, and must be freed before it."""
+        self.task = self.step_fn = self.optimizer = None  # type: ignore[assignment]
 
     # -- the loop ------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         try:
-            with StopRequest() as stop:
-                return self._fit(stop)
+            with StopRequest() as stop:  # also while naming a lost peer: the launcher's SIGTERM comes meanwhile
+                try:
+                    return self._fit(stop)
+                except RuntimeError as e:  # a collective the loop waited in failed: one line, not a traceback
+                    if not is_lost_peer(e):
+                        raise
+                    raise lost_rank(e, f"after step {self.step}") from None
         except BaseException:
             # stopped before it wrote a checkpoint or a metric: leave the folder as it was found
             self.lock.release(restore=not (self.metrics_path.exists() or ckpt.ckpt_root(self.out).exists()))
@@ -252,7 +242,7 @@ class Trainer:
         latest = self.resume()
         self.task.prepare(self.loader)  # e.g. PHI-S statistics a fresh start estimates (a resume loaded them)
         self.write_config()
-        self.tracker = Tracker(cfg.log, self.out, rank=info.rank, resume_step=self.step, config=to_dict(cfg))
+        self.tracker = Tracker(cfg.log, self.out, rank=info.rank, resume_step=self.metrics_step, config=to_dict(cfg))
         resumed_at = self.step
         spe, last_step = self.steps_per_epoch, self.last_step
         if info.is_main:
@@ -269,8 +259,12 @@ class Trainer:
 
         def stop_and_save(where: str) -> None:
             check_finite(self.step)
-            self.save()
-            raise Preempted(f"stopped by signal {stop.signum or 'on another rank'} {where}; a checkpoint was "
+            path = self.save()
+            signum = max_rank(stop.signum or 0)  # the signal, whichever rank it reached
+            if info.is_main:
+                record_preemption(self.out, self.metrics_path, step=self.step, metrics_step=self.metrics_step,
+                                  images=self.images, signum=signum, checkpoint=path)
+            raise Preempted(f"stopped by signal {signal_name(signum) or signum} {where}; a checkpoint was "
                             "written: rerun the same command to resume")
 
         def evaluate() -> None:
@@ -296,7 +290,7 @@ class Trainer:
                                     "resume from it")
 
         try:
-            if self.task.can_evaluate and self._due_for_eval() and self.evaluated_epoch < self.step // spe:
+            if self._eval_pending():
                 paused(evaluate)  # the run stopped after this epoch's checkpoint but before its evaluation
             while self.step < last_step:
                 epoch = self.step // spe
@@ -312,14 +306,16 @@ class Trainer:
                     out_t = self.step_fn(batches)
                     bad_loss |= ~torch.isfinite(out_t["loss"])
                     skipped += out_t["skipped"]
-                    self.step += 1
+                    self.step, self.images, self.metrics_step = self.step + 1, self.images + self.total_batch, \
+                        self.metrics_step + 1
                     window_steps += 1
                     if self.step % cfg.log.every == 0 or self.step == last_step:
                         loss = all_reduce_mean(out_t["loss"].detach().clone())
                         check_finite(self.step)
                         now = time.perf_counter()
                         dt = now - window_t0
-                        rec = {"step": self.step, "epoch": self.step / spe, "loss": float(loss),
+                        rec = {"step": self.metrics_step, "images": self.images, "epoch": self.step / spe,
+                               "loss": float(loss),
                                **{k: float(all_reduce_mean(v.clone())) for k, v in out_t.items() if k[:5] == "loss_"},
                                "grad_norm": float(out_t["grad_norm"]), "lr": lrs[-1], "lr_groups": list(lrs),
                                "img_per_s_per_device": window_steps * tr.batch_size * tr.accum_steps / dt,
@@ -344,26 +340,33 @@ class Trainer:
         finally:
             progress.close()
             self.tracker.close()
-        images = (self.step - resumed_at) * tr.batch_size * tr.accum_steps
-        summary = {"step": self.step, "loss": last_loss, "best": self.best, "output_dir": str(self.out),
+        per_device = (self.step - resumed_at) * tr.batch_size * tr.accum_steps
+        summary = {"status": "finished", "step": self.step, "images": self.images, "loss": last_loss,
+                   "best": self.best, "output_dir": str(self.out),
                    "skipped_steps": int(skipped), "seconds": time.perf_counter() - t_start,
-                   "img_per_s_per_device_mean": images / train_seconds if train_seconds > 0 else None,
-                   "teacher_sha256": getattr(getattr(self.task, "teacher", None), "sha256", None),
+                   "img_per_s_per_device_mean": per_device / train_seconds if train_seconds > 0 else None,
+                   "teacher_sha256": getattr(self.task, "teacher_sha256", None),
                    "environment": run_environment()}
         if info.is_main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_summary(self.out, summary)
         return summary
+
+    def _eval_pending(self) -> bool:
+        """The run stopped after this epoch's checkpoint but before its evaluation."""
+        epoch = self.step // self.steps_per_epoch
+        return self.task.can_evaluate and self._due_for_eval() and self.evaluated_epoch < epoch
 
     def _due_for_eval(self) -> bool:
         """At an epoch end that the eval cadence asks for, or at the last step."""
         if self.step == self.last_step:
             return True
-        return self.step % self.steps_per_epoch == 0 and (self.step // self.steps_per_epoch) % self.task.eval_every == 0
+        epoch, within = divmod(self.step, self.steps_per_epoch)
+        return within == 0 and epoch % self.task.eval_every == 0
 
     def _evaluate(self, should_stop: Optional[StopCheck] = None) -> dict:
         ep = math.ceil(self.step / self.steps_per_epoch)
         res = self.task.evaluate(should_stop)
-        res.update(step=self.step, epoch=ep, kind="eval")
+        res.update(step=self.metrics_step, images=self.images, epoch=ep, kind="eval")
         self.evaluated_epoch = max(self.evaluated_epoch, self.step // self.steps_per_epoch)
         if res.get("top1", -1) > self.best.get("top1", -1):
             self.best = dict(res)
@@ -383,7 +386,10 @@ def train(cfg: FDConfig, info: Optional[DistInfo] = None, on_end: Optional[Calla
     """Run (or resume) the configured task; returns a summary dict. ``on_end(task)`` is called on
     every rank after the final checkpoint (tests use it to compare ranks' in-memory weights)."""
     trainer = Trainer(cfg, info, allow_config_change=allow_config_change, trust_pickle=trust_pickle)
-    summary = trainer.fit()
-    if on_end is not None:
-        on_end(trainer.task)
-    return summary
+    try:
+        summary = trainer.fit()
+        if on_end is not None:
+            on_end(trainer.task)
+        return summary
+    finally:
+        trainer.close()

@@ -6,6 +6,8 @@ backend is built.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from fdfast.config.data import DataConfig
@@ -30,6 +32,8 @@ def build_loader(data_cfg: DataConfig, *, train: bool, batch_size: int, img_size
                  rank: int = 0, world_size: int = 1, seed: int = 0, split: str = "", per_class: int = 0) -> Loader:
     """The loader of ``data_cfg.backend`` for one split (``train``) on this rank; ``split`` names another data
     field to read (e.g. ``knn_train``, in eval mode) and ``per_class`` caps its images per class."""
+    if data_cfg.eval_resize is None:  # a bare DataConfig (a config's is resolved): the official ratio
+        data_cfg = dataclasses.replace(data_cfg, eval_resize=data_cfg.eval_resize_at(img_size))
     request = LoaderRequest(train=train, batch_size=batch_size, img_size=img_size, device=device, rank=rank,
                             world_size=world_size, seed=seed, split=split, per_class=per_class)
     return BACKENDS[data_cfg.backend](data_cfg, request)

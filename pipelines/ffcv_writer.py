@@ -19,7 +19,7 @@ Why the extra care around ``ffcv.writer.DatasetWriter``:
 * A stop request is acted on at least every 0.1 s while checking, even when a worker hangs on a file.
 * The written file is read back through :func:`pipelines.beton.check_beton` before it gets its name.
 * The writer's collection loop is replaced (:func:`_writer_class`, which names the upstream defects).
-* The file is written under a temporary name by :func:`fdfast.checkpoint.atomic_write` and renamed only
+* The file is written under a temporary name by :func:`fdfast.files.atomic_write` and renamed only
   once complete and readable, so a ``.beton`` that exists is a whole one; on errors, Ctrl-C or SIGTERM the
   temporary file is removed, and one left by a killed run is removed by the next run.
 * ``write_mode='proportion'`` draws from numpy's global RNG inside the workers; we seed it per image
@@ -44,7 +44,7 @@ import numpy as np
 from rich.console import Console
 from rich.markup import escape
 
-from fdfast.checkpoint import atomic_write, make_folder, missing_folders, remove_empty_folders
+from fdfast.files import atomic_write, make_folder, missing_folders, remove_empty_folders
 
 from .base import DataError
 from .beton import check_beton

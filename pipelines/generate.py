@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fdfast.checkpoint import make_folder
+from fdfast.files import make_folder
 from fdfast.errors import UserError
 
 

@@ -72,7 +72,8 @@ def build_transform(data: DataConfig, *, train: bool, img_size: int):
         if data.auto_augment:
             ops.append(build_rand_augment(data.auto_augment, img_size, data.interpolation))
     else:
-        ops = [T.Resize(data.eval_resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size)]
+        ops = [T.Resize(data.eval_resize_at(img_size), interpolation=T.InterpolationMode.BICUBIC),
+               T.CenterCrop(img_size)]
     return T.Compose(ops + [T.PILToTensor()])
 
 

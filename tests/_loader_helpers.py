@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from fdfast.config.data import DataConfig
+from fdfast.distributed import shutdown
 from pipelines import build_loader, check_batch
 from pipelines.generate import make_image_folder
 
@@ -175,7 +176,7 @@ def ffcv_rank_worker(rank: int, world: int, init_file: str, beton: str, out_dir:
             result["epochs"].append(ids)
         torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        shutdown()  # a barrier, then the group goes
 
 
 @contextlib.contextmanager

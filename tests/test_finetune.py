@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from fdfast import checkpoint as ckpt
 from fdfast.config import ConfigError, config_from_dict, load_config
-from fdfast.distributed import DistInfo
+from fdfast.distributed import DistInfo, shutdown
 from fdfast.tasks.evaluation import eval_counts, summarize_counts
 from fdfast.cli.train import main as train_main
 from fdfast.tasks.classes import resolve_num_classes
@@ -280,7 +280,8 @@ def _eval_worker(rank, cfg_dict, init_file, out_dir):
             torch.save(task.model.state_dict(), Path(out_dir) / "model.pt")
         Path(out_dir, f"res{rank}.json").write_text(json.dumps(res))
     finally:
-        dist.destroy_process_group()
+        task = None  # its DDP wrapper holds the group: freed first, then a barrier, then the group goes
+        shutdown()
 
 
 def _reference_eval(model, val_dir, mean, std):
@@ -597,7 +598,7 @@ def test_demo_config_matches_the_pretrain_demo():
 # ----------------------------------------------------------------------------------------------
 def _metrics(run: Path):
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if r.get("kind") != "eval"], [r for r in lines if r.get("kind") == "eval"]
+    return [r for r in lines if "kind" not in r], [r for r in lines if r.get("kind") == "eval"]
 
 
 def _e2e_dict(tmp_path, train, val, out, **train_kw):

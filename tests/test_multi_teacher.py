@@ -249,6 +249,9 @@ def test_fdfast_train_with_the_shipped_two_teacher_config_logs_each_teachers_los
     state = torch.load(next((shipped_run / "checkpoints").glob("step_*")) / "state.pt", weights_only=True)
     assert {k.split(".")[1] for k in state["model"] if k.startswith("heads.")} == {"siglip2", "dinov2"}
     assert set(state["extra"]["phi_s"]) == {"siglip2", "dinov2"}  # both shipped teachers use PHI-S
+    # the run's records name every teacher's weights (random here: no file, no hash)
+    assert json.loads((shipped_run / "summary.json").read_text())["teacher_sha256"] == {"siglip2": None,
+                                                                                        "dinov2": None}
 
 
 def test_export_writes_the_backbone_and_each_teachers_head(shipped_run, tmp_path, capsys, caplog):

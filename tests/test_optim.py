@@ -100,3 +100,49 @@ def test_no_weight_decay_rules_swin():
     assert not any("cpb_mlp" in n or "logit_scale" in n for n in wd)
     assert "encoder.layers.0.blocks.0.attn.qkv.weight" in wd
     assert math.isclose(groups[0]["lr_scale"], 1.0)
+
+
+def _official_lrs(cfg: OptimConfig, total_batch: int, batches_per_epoch: int, epochs: int, accum: int) -> list:
+    """The LR each optimizer step of the official loop runs with (see the test below)."""
+    from timm.scheduler import CosineLRScheduler
+    peak, w0, low = scaled_lrs(cfg, total_batch)
+    total, warm = batches_per_epoch * epochs, int(cfg.warmup_epochs * batches_per_epoch)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    sched = CosineLRScheduler(opt, t_initial=total - warm, lr_min=low, warmup_lr_init=w0, warmup_t=warm,
+                              cycle_limit=1, t_in_epochs=False, warmup_prefix=True)
+    lrs = []
+    for epoch in range(epochs):
+        for idx in range(batches_per_epoch):
+            if (idx + 1) % accum == 0:
+                lrs.append(opt.param_groups[0]["lr"])
+                sched.step_update(epoch * batches_per_epoch + idx)
+    return lrs
+
+
+@pytest.mark.parametrize("accum, batches_per_epoch", [(4, 28), (3, 23)])
+def test_with_accumulation_the_schedule_counts_micro_batches_as_the_official_loop(accum, batches_per_epoch):
+    """Official train_one_epoch with ACCUMULATION_STEPS = A: the scheduler is built over len(loader)
+    micro-batches per epoch and step_update(epoch * num_steps + idx) follows each optimizer step, idx being the
+    micro-batch that ended it; leftover micro-batches (len % A) make no step. fdfast's step k must run at the
+    LR the official optimizer holds when it takes its k-th step."""
+    epochs = 4
+    cfg = OptimConfig(base_lr=512e-3, warmup_lr=512e-6, min_lr=512e-5, warmup_epochs=1.5)
+    official = _official_lrs(cfg, 512, batches_per_epoch, epochs, accum)
+    steps_per_epoch = batches_per_epoch // accum
+    schedule = Schedule(cfg, 512, steps_per_epoch, epochs, [1.0], accum_steps=accum,
+                        batches_per_epoch=batches_per_epoch)
+    ours = [schedule(t)[0] for t in range(steps_per_epoch * epochs)]
+    assert len(ours) == len(official)
+    assert ours == pytest.approx(official, rel=1e-12, abs=0)
+    assert ours[1] > ours[0] == pytest.approx(scaled_lrs(cfg, 512)[1])  # step 1: A - 1 micro-batches into warm-up
+
+
+def test_the_trainer_with_accumulation_runs_the_official_lr_per_step(tiny_cfg, tmp_path):
+    import json
+
+    from fdfast.trainer import train
+    cfg = tiny_cfg(train={"accum_steps": 2, "epochs": 2}, data={"synthetic_size": 40}, checkpoint={"every": 100})
+    train(cfg)  # 40 images of 8 = 5 micro-batches per epoch: 2 optimizer steps, one micro-batch left over
+    logged = [r["lr"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+              if "lr" in r]
+    assert logged == pytest.approx(_official_lrs(cfg.optim, 16, 5, 2, 2), rel=1e-12, abs=0)

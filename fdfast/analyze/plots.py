@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write
+from ..files import atomic_write
 from ..errors import MissingDependency
 
 DPI = 100

@@ -1,6 +1,6 @@
 """Writing the outputs under ``--out``: one JSON per diagnostic, the figures, and ``report.md``.
 
-Every file is written atomically (:func:`fdfast.checkpoint.atomic_write`), so a crash never leaves a
+Every file is written atomically (:func:`fdfast.files.atomic_write`), so a crash never leaves a
 half-written one. ``report.md`` links each figure and puts the numbers behind FD's three claims
 (more diverse heads, more diagonal attention, flatter landscape), each with its 95 % interval over the
 images, in one table beside what uniform attention scores on the same grids; a claim names a model only
@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write, make_folder
+from ..files import atomic_write, make_folder
 from . import plots
 from .stats import Estimate, compare, fmt_estimate
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pipelines
 
 from .. import distributed
-from ..checkpoint import atomic_write, make_folder, missing_folders, remove_empty_folders
+from ..files import atomic_write, make_folder, missing_folders, remove_empty_folders
 from ..config import DataConfig
 from ..constants import TRUST_SWITCH
 from ..errors import OutputNotWritable
@@ -77,9 +77,10 @@ def knn(model: Subject, args: argparse.Namespace, info: distributed.DistInfo) ->
     its ``train.knn_every`` monitor logged, given the same settings."""
     if args.knn_feature == "cls" and not has_cls_token(model.network):
         raise SourceError(f"{model.name} ({model.source}) has no CLS token: use --knn-feature mean")
-    resize = model.eval_resize or round(model.img_size * 256 / 224)
+    # eval_resize None (official FD files) = the official int(256 / 224 * img_size), as in evaluate()
     data = DataConfig(backend=args.backend, train=args.data, val=args.data, knn_train=args.knn_train,
-                      knn_train_per_class=args.knn_per_class, eval_resize=resize, num_workers=args.workers)
+                      knn_train_per_class=args.knn_per_class, eval_resize=model.eval_resize,
+                      num_workers=args.workers)
     loaders = build_knn_loaders(data, batch_size=args.batch_size, img_size=model.img_size, device=info.device,
                                 rank=info.rank, world_size=info.world_size, names=("--knn-train", "--data"))
     settings = KNNSettings(k=args.knn_k, temperature=args.knn_temperature, feature=args.knn_feature)
@@ -93,9 +94,9 @@ def evaluate(model: Subject, args: argparse.Namespace, info: distributed.DistInf
     if model.num_classes <= 0:
         raise SourceError(f"{model.source} has no classifier head ({model.role}); evaluate a fine-tuned model, or "
                           "the features of any model with --knn --knn-train DIR")
-    resize = model.eval_resize or round(model.img_size * 256 / 224)  # timm's default crop_pct 0.875
-    # eval only: the validation set stands in for data.train, which the section requires for real backends
-    data = DataConfig(backend=args.backend, train=args.data, val=args.data, eval_resize=resize,
+    # eval only: the validation set stands in for data.train, which the section requires for real backends;
+    # eval_resize None (official FD files) = the official int(256 / 224 * img_size)
+    data = DataConfig(backend=args.backend, train=args.data, val=args.data, eval_resize=model.eval_resize,
                       num_workers=args.workers, num_classes=model.num_classes)
     loader = pipelines.build_loader(data, train=False, batch_size=args.batch_size, img_size=model.img_size,
                                     device=info.device, rank=info.rank, world_size=info.world_size)
@@ -147,10 +148,12 @@ def main(argv=None) -> int:
             if args.json:
                 _write_json(Path(args.json), results)
         return 0
+    code = 1
     try:
-        return exit_code(PROG, work, interrupted="no result was written")
+        code = exit_code(PROG, work, interrupted="no result was written")
+        return code
     finally:
-        distributed.shutdown()
+        distributed.shutdown(wait=code == 0)  # a rank that failed alone must not wait for the others
 
 
 if __name__ == "__main__":

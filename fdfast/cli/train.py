@@ -1,9 +1,11 @@
 """fdfast-train: parse, build, train. Plain or under torchrun (ranks come from the environment).
 
-Exit codes: 0 done; 2 a user-fixable error (config, file, missing library, a locked output folder, a
+Exit codes: 0 done; 1 another process of the job died (one line names the lost rank; the last
+checkpoint is intact); 2 a user-fixable error (config, file, missing library, a locked output folder, a
 config that no longer fits the checkpoint: one line, no traceback); 3 the loss became NaN/Inf (nothing
 saved; the last good checkpoint is kept); 4 stopped by SIGTERM / SIGINT / SIGUSR1 after writing a
-checkpoint of the current step (rerun the same command to resume).
+checkpoint of the current step and ``"status": "preempted"`` in ``summary.json`` (rerun the same command to
+resume). torchrun exits 1 whenever a worker exits non-zero, 4 included: ``summary.json`` tells them apart.
 """
 from __future__ import annotations
 
@@ -77,19 +79,26 @@ def main(argv=None) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
     info = distributed.init_distributed()
+    together = False  # every rank ends this way at the same step: they can meet at a barrier before leaving
     try:
         summary = train(cfg, info, allow_config_change=args.allow_config_change, trust_pickle=args.trust_pickle)
+        together = True
     except NonFiniteLoss as e:
+        together = True
         print(f"fdfast-train: {e}", file=sys.stderr)
         return 3
     except Preempted as e:
+        together = True
         print(f"fdfast-train: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
+    except distributed.LostRank as e:
+        print(f"fdfast-train: {e}", file=sys.stderr)
+        return 1
     except UserError as e:  # bad input: one clear line, no traceback
         print(f"fdfast-train: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     finally:
-        distributed.shutdown()
+        distributed.shutdown(wait=together)
     if info.is_main:
         best = summary.get("best") or {}
         top1 = f", best top-1 {best['top1']:.2f}% (epoch {best['epoch']})" if "top1" in best else ""

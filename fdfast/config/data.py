@@ -10,11 +10,14 @@ from .checks import need
 # Loader backends that run timm RandAugment per image (PIL in DataLoader workers). FFCV's numba
 # pipeline, DALI's graph, nvJPEG and synthetic batches have none.
 AUTO_AUGMENT_BACKENDS = ("torchvision",)
-# Backends whose evaluation crop is a centre crop of the resized image that cannot be padded (torchvision's
-# CenterCrop pads an image smaller than the crop; FFCV's decoder and the DALI graph do not).
-CENTER_CROP_BACKENDS = ("ffcv", "dali")
 # Classes of the synthetic backend's labels when neither data.num_classes nor model.student.num_classes says.
 SYNTHETIC_CLASSES = 1000
+
+
+def official_eval_resize(img_size: int) -> int:
+    """The official evaluation's resize at any input size, ``int(256 / 224 * img_size)``
+    (``data_finetune.py``): 256 at 224, 219 at 192, 438 at 384."""
+    return int((256 / 224) * img_size)
 
 
 @dataclass(kw_only=True)
@@ -42,8 +45,9 @@ class DataConfig:
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"
     """Training crop interpolation (FD distillation: bilinear; fine-tuning: bicubic). FFCV always
     resizes with OpenCV's INTER_AREA and ignores it."""
-    eval_resize: int = 256
-    """Evaluation: resize the shorter side to this, then center-crop to the model size."""
+    eval_resize: Optional[int] = None
+    """Evaluation: resize the shorter side to this, then center-crop to model.student.img_size; it must be
+    >= img_size. None = the official int(256 / 224 * img_size) (256 at 224, 219 at 192, 438 at 384)."""
     auto_augment: Optional[str] = None
     """timm RandAugment spec for fine-tuning, e.g. 'rand-m9-mstd0.5-inc1' (runs in the loader, per
     image; torchvision backend only); None = off."""
@@ -69,7 +73,8 @@ class DataConfig:
         need(self.num_classes is None or self.num_classes > 0,
              f"data.num_classes must be > 0 (or null: read from data.train), got {self.num_classes}")
         need(self.synthetic_size > 0, f"data.synthetic_size must be > 0, got {self.synthetic_size}")
-        need(self.eval_resize > 0, f"data.eval_resize must be > 0, got {self.eval_resize}")
+        need(self.eval_resize is None or self.eval_resize > 0,
+             f"data.eval_resize must be > 0 (or null for the official 256/224 ratio), got {self.eval_resize}")
         need(self.num_workers >= 0,
              f"data.num_workers must be >= 0 (0 = load in the main process), got {self.num_workers}")
         need(self.prefetch >= 1, f"data.prefetch must be >= 1, got {self.prefetch}")
@@ -88,6 +93,10 @@ class DataConfig:
                      "fdfast-convert)")
         if self.auto_augment:
             self._check_auto_augment()
+
+    def eval_resize_at(self, img_size: int) -> int:
+        """The evaluation resize for ``img_size``: ``eval_resize``, or the official ratio when unset."""
+        return self.eval_resize if self.eval_resize is not None else official_eval_resize(img_size)
 
     def _check_auto_augment(self) -> None:
         aa = self.auto_augment

@@ -56,7 +56,10 @@ class TrainConfig:
     batch_size: int = 128
     """Images per device per optimizer micro-step."""
     accum_steps: int = 1
-    """Gradient accumulation micro-steps per optimizer step."""
+    """Gradient accumulation: micro-batches of batch_size per optimizer step (total batch = batch_size x
+    world size x accum_steps, which scales the LR). The LR schedule counts micro-batches, as the official
+    one does: warm-up and cosine span the loader's micro-batches, and optimizer step k runs at micro-batch
+    k x accum_steps - 1 (the last one of the step before)."""
     max_steps: Optional[int] = None
     """Stop after this many optimizer steps (the schedule still spans `epochs`); None = all."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .checks import need
-from .data import AUTO_AUGMENT_BACKENDS, CENTER_CROP_BACKENDS, AugmentConfig, DataConfig
+from .data import AUTO_AUGMENT_BACKENDS, AugmentConfig, DataConfig, official_eval_resize
 from .model import ModelConfig, StudentConfig, TeacherConfig, TeacherEntry
 from .run import CheckpointConfig, CompileConfig, LogConfig, OptimConfig, TrainConfig
 
@@ -67,10 +67,14 @@ class FDConfig:
         if self.compile.cuda_graph_teacher:
             need(tr.task == "distill", "compile.cuda_graph_teacher only applies to train.task='distill'")
         d = self.data
-        need(not (d.backend in CENTER_CROP_BACKENDS and d.eval_resize < s.img_size),
-             f"data.eval_resize={d.eval_resize} is smaller than model.student.img_size={s.img_size}, and "
-             f"data.backend={d.backend!r} cannot pad the centre crop: set data.eval_resize >= the image size "
-             "(256 for 224)")
+        if d.eval_resize is None:  # resolved here, so config.yaml, checkpoints and exports record the value used
+            d.eval_resize = d.eval_resize_at(s.img_size)
+        # below the crop, torchvision would pad the centre crop with black and FFCV / DALI cannot crop at all
+        need(d.eval_resize >= s.img_size,
+             f"data.eval_resize={d.eval_resize} is smaller than model.student.img_size={s.img_size}: the evaluation "
+             "resizes the shorter side to data.eval_resize, then centre-crops model.student.img_size. Set "
+             f"data.eval_resize >= {s.img_size}, or leave it unset for the official int(256 / 224 * img_size) = "
+             f"{official_eval_resize(s.img_size)}")
         need(not (self.model.attention == "flex" and s.arch != "beit"),
              "model.attention='flex' applies to the Beit (ViT) student; SwinV2's cosine attention has no flex "
              "path: use model.attention=sdpa")

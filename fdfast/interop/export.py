@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .. import checkpoint as ckpt
-from ..checkpoint import atomic_write
+from ..files import atomic_write
 from ..config import FDConfig, config_from_dict
 from ..config.load import MOVED_KEYS, without_command_line_keys
 from ..constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..checkpoint import atomic_write
+from ..files import atomic_write
 from ..config import FDConfig
 from ..models.heads import build_head
 from .loading import FdfastCheckpoint

@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..checkpoint import atomic_write
+from ..files import atomic_write
 
 log = logging.getLogger(__name__)
 

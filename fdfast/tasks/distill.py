@@ -102,6 +102,14 @@ class DistillTask(Task):
                 slot.phi_s.load_state_dict(saved)  # in place: a captured graph keeps reading these buffers
 
     @property
+    def teacher_sha256(self) -> Union[Optional[str], dict[str, Optional[str]]]:
+        """The SHA-256 of the teacher's weights file (None for random weights), for the run's records; with
+        several teachers, one per teacher name."""
+        if self.slots:
+            return {slot.name: slot.teacher.sha256 for slot in self.slots}
+        return self.teacher.sha256
+
+    @property
     def can_evaluate(self) -> bool:
         return self.knn is not None
 
