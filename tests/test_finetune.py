@@ -159,6 +159,13 @@ def test_class_count_is_read_from_the_folder_and_the_student_follows(folders, tm
     assert (written.data.num_classes, written.model.student.num_classes) == (6, 6)
 
 
+@pytest.mark.parametrize("name", ["finetune/clip_vit_base_300ep", "eva02_clip_vitb16_vit_base"])
+def test_shipped_fine_tune_configs_take_the_class_count_of_the_data(folders, name):
+    train, _ = folders  # six classes: a shipped recipe pointed at them must not insist on ImageNet's 1000
+    cfg = resolve_num_classes(load_config(name, [f"data.train={train}"]))
+    assert (cfg.data.num_classes, cfg.model.student.num_classes) == (6, 6)
+
+
 def test_class_count_is_read_from_a_beton(folders, tmp_path):
     pytest.importorskip("ffcv")
     from pipelines.ffcv_writer import convert_folder
