@@ -531,6 +531,19 @@ def test_two_uniform_attention_models_show_no_difference(tmp_path):
     assert f"| test_vit | 10x10 | {uniform_mean_distance(10, 16.0):.4g} | 0 | 1 |" in report
 
 
+def test_random_models_are_seeded_by_their_position_and_leave_the_callers_rng_alone():
+    def weights(subject):
+        return torch.cat([p.flatten() for p in subject.network.parameters()])
+
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    first = load_subjects(["random:test_vit", "random:test_vit"], with_teacher=False)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    again = load_subjects(["random:test_vit", "random:test_vit"], with_teacher=False)
+    assert torch.equal(weights(first[0]), weights(again[0])) and torch.equal(weights(first[1]), weights(again[1]))
+    assert not torch.equal(weights(first[0]), weights(first[1]))
+
+
 def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
     out = tmp_path / "out"
     assert main([str(tmp_path / "missing"), "--synthetic", "--out", str(out)]) == 2

@@ -9,7 +9,8 @@ as training. A model argument is one of:
   file :func:`~fdfast.interop.loading.read_student_state_dict` reads; the architecture (BEiT-style ViT or SwinV2)
   is read from the tensor shapes. With ``--teacher`` the official projector (``decoder.*``) is loaded too;
 * a timm export folder (``config.json`` + ``model.safetensors``): ``timm.create_model("local-dir:...")``;
-* ``random:<timm name>``: a randomly initialised timm model (smoke tests).
+* ``random:<timm name>``: a randomly initialised timm model (smoke tests); the n-th argument's weights come
+  from seed n (0, 1, ...), so two analyses of the same arguments agree and two random models differ.
 
 ``--teacher`` (a release file or ``random``, with ``--teacher-kind`` / ``--teacher-model``) is built by
 :func:`fdfast.models.teachers.build_teacher`. Pickled code never runs unless the caller passes
@@ -316,10 +317,13 @@ def load_subjects(models: list[str], teacher_spec: Optional[TeacherSpec] = None,
         except UserError as e:  # its message speaks of model.teacher; name the flag as well
             raise SourceError(f"--teacher {teacher_spec.weights}: {e}") from None
         subjects.append(_teacher_subject(teacher, f"teacher-{teacher.kind}"))
-    for spec in models:
+    for position, spec in enumerate(models):
         if spec.startswith("random:"):
             name = spec[len("random:"):]
-            subjects.append(_timm_subject(_create_timm(name, spec, pretrained=False), name, spec))
+            with torch.random.fork_rng(devices=[]):  # the same weights on every call; the caller's RNG untouched
+                torch.manual_seed(position)
+                model = _create_timm(name, spec, pretrained=False)
+            subjects.append(_timm_subject(model, name, spec))
             continue
         folder = _timm_export_folder(Path(spec))
         if folder is not None:
