@@ -1,7 +1,8 @@
 """``--mode teacher``: the teacher target alone (normalise -> teacher -> whiten), official fp16 with
 explicit attention vs the run's target eager, CUDA-graph replayed, compiled, compiled + replayed, and with
 the whole teacher in bf16 (``model.teacher.bf16``; its target fidelity against the default target is
-recorded: per-token cosine, max abs difference, and the FD loss between the two targets)."""
+recorded: per-token cosine, max abs difference, and the FD loss between the two targets). With
+``model.teachers`` every variant is measured for each teacher in turn (rows ``<variant>/<teacher name>``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +17,7 @@ from bench.official import official_teacher
 from bench.report import Recorder, record_failure
 from bench.tables import fmt, print_tables
 from bench.timing import fresh_start, peak_mem_gib, per_device, time_loop, timing_warnings
-from fdfast.config import load_config
+from fdfast.config import FDConfig, TeacherConfig, load_config
 from fdfast.distributed import DistInfo
 from fdfast.models.attention import only_sdpa_backends
 from fdfast.models.target import TeacherTarget
@@ -65,11 +66,28 @@ def target_fidelity(fn, cfg, images: torch.Tensor, precision: str, dev: torch.de
             "target_fd_loss": float(fd_loss(fast, ref, cfg.model.loss_beta))}
 
 
+def _one_teacher(cfg: FDConfig, name: str | None) -> FDConfig:
+    """``cfg`` distilling from its teacher ``name`` of ``model.teachers`` alone (None: ``cfg`` itself)."""
+    if name is None:
+        return cfg
+    entry = next(t for t in cfg.model.teachers if t.name == name)
+    teacher = TeacherConfig(**{f.name: getattr(entry, f.name) for f in dataclasses.fields(TeacherConfig)})
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, teacher=teacher, teachers=[]))
+
+
+def _variant_overrides(extra: list[str] | None, name: str | None) -> list[str]:
+    """A variant's overrides, its ``model.teacher.*`` keys aimed at the teacher ``name`` of ``model.teachers``."""
+    if name is None:
+        return list(extra or [])
+    return [x.replace("model.teacher.", f"model.teachers.{name}.", 1) for x in extra or []]
+
+
 def _what_ran(name: str, extra, cfg, cuda: bool, precision: str) -> tuple[str, str]:
     """(label, precision) of what a variant really runs here: on a CPU the official teacher cannot run in
     fp16, and a bf16 teacher computes in bf16 whatever the autocast precision says."""
     if extra is None:
-        return (name, "fp16") if cuda else ("official (fp32: no fp16 on a CPU)", "fp32")
+        return (name, "fp16") if cuda else (f"{name.replace('official-fp16', 'official', 1)} (fp32: no fp16 on a CPU)",
+                                            "fp32")
     return name, "bf16 (whole teacher)" if cfg.model.teacher.bf16 else precision
 
 
@@ -87,16 +105,20 @@ def run_teacher_mode(args, info: DistInfo, rec: Recorder) -> None:
     no_graph = [n for n in names if "graph" in n and not cuda]
     if no_graph:
         rec.note(f"skipped on a CPU (CUDA graphs need a GPU): {', '.join(no_graph)}")
-    for name in names:
+    teachers = [t.name for t in cfg0.model.teachers] or [None]
+    for name, which in [(n, t) for n in names for t in teachers]:
         fresh_start(dev)
-        result: dict[str, Any] = {"mode": "teacher", "name": name, "batch_size": bs, "ok": False}
+        row = name if which is None else f"{name}/{which}"
+        result: dict[str, Any] = {"mode": "teacher", "name": row, "batch_size": bs, "ok": False}
+        if which is not None:
+            result["teacher"] = which
         if name in no_graph:
             if args.variant:  # asked for by name: a row that says why it did not run
                 rec.add({**result, "skipped": "CUDA graphs need a GPU"})
             continue
         try:
             extra = TEACHER_VARIANTS[name]
-            cfg = load_config(args.config, [*args.overrides, *(extra or [])])
+            cfg = _one_teacher(load_config(args.config, [*args.overrides, *_variant_overrides(extra, which)]), which)
             torch.manual_seed(cfg.train.seed)
             if extra is None:
                 teacher = official_teacher(cfg, dev, trust_pickle=args.trust_pickle)
@@ -105,7 +127,7 @@ def run_teacher_mode(args, info: DistInfo, rec: Recorder) -> None:
                 teacher = build_teacher(cfg.model.teacher, cfg.model.student.img_size,
                                         trust_pickle=args.trust_pickle).to(dev)
                 fn, prec = build_target(teacher, cfg, dev, args.compile_backend), precision
-            label, ran = _what_ran(name, extra, cfg, cuda, prec)
+            label, ran = _what_ran(row, extra, cfg, cuda, prec)
 
             def call(i: int, fn=fn, prec=prec) -> None:
                 with autocast(prec, dev):
@@ -127,14 +149,14 @@ def run_teacher_mode(args, info: DistInfo, rec: Recorder) -> None:
             record_failure(result, e)
         rec.add(result)
     res = rec.results("teacher")
-    base = next((r for r in res if r["name"] == "official-fp16" and r["ok"]), None)
+    base = {r.get("teacher"): r for r in res if r["name"].split("/")[0] == "official-fp16" and r["ok"]}
 
     def cells(r: dict) -> list[str]:
         if not r["ok"]:
             return [r["name"], "-", "skipped" if "skipped" in r else "FAILED", r.get("skipped", ""), *["-"] * 4]
         return [r["label"], r["precision"], fmt(r["img_per_s"]), f"{r['step_ms']['median']:.2f}",
                 fmt(r["mfu_spec"] * 100 if r.get("mfu_spec") else None), str(r.get("flash_only_ok", "-")),
-                fmt(r["img_per_s"] / base["img_per_s"] if base else None, ".3g"),
+                fmt(r["img_per_s"] / base[r.get("teacher")]["img_per_s"] if r.get("teacher") in base else None, ".3g"),
                 fmt(r.get("target_cosine_min"), ".5f")]
     if info.is_main:
         notes = [f"warning: {w}" for r in res for w in r.get("warnings", [])]

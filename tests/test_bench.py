@@ -424,6 +424,23 @@ def test_step_mode_with_two_teachers_counts_both(tmp_path):
     assert s["two_teachers"]["img_s"] == r["img_per_s"] and s["dinov2_b14"]["img_s"] is None
 
 
+def test_teacher_mode_measures_each_of_several_teachers(tmp_path):
+    """A two-teacher config: every variant once per teacher, each built from its own entry (not model.teacher's
+    defaults), its ratio taken against the official-style row of the same teacher."""
+    data = throughput.main(["--mode", "teacher", *TINY, "--config",
+                            str(REPO / "configs" / "pretrain" / "fd_siglip2_dinov2_vit_base.yaml"),
+                            "--variant", "official-fp16", "--variant", "compiled+bf16", "--compile-backend", "aot_eager"])
+    rows = {r["name"]: r for r in data["results"]}
+    assert list(rows) == ["official-fp16/siglip2", "official-fp16/dinov2", "compiled+bf16/siglip2",
+                          "compiled+bf16/dinov2"]
+    assert all(r["ok"] for r in rows.values()), [r.get("traceback") for r in rows.values()]
+    assert rows["official-fp16/dinov2"]["label"] == "official/dinov2 (fp32: no fp16 on a CPU)"
+    assert rows["compiled+bf16/dinov2"]["precision"] == "bf16 (whole teacher)"
+    # different teachers, different work per image: SigLIP-like (no CLS) and DINOv2-like (registers, 14 px)
+    assert rows["official-fp16/siglip2"]["teacher_fwd_flops"] != rows["official-fp16/dinov2"]["teacher_fwd_flops"]
+    assert rows["compiled+bf16/dinov2"]["teacher_fwd_flops"] == rows["official-fp16/dinov2"]["teacher_fwd_flops"]
+
+
 @pytest.mark.parametrize("name", ["eva02_base_patch16_clip_224", "vit_base_patch16_dinov3", "vit_pe_core_base_patch16_224"])
 def test_any_timm_teacher_is_counted_like_the_flop_counter(name):
     """Eva teachers: separate q/k/v and SwiGLU (EVA-02), storage tokens (DINOv3), PE: counted from their blocks."""
