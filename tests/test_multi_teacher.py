@@ -8,6 +8,7 @@ import json
 
 import pytest
 import timm
+import yaml
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -18,7 +19,9 @@ from _step_helpers import build_run, cuda_only, exact_fp32, max_weight_diff, uin
 from conftest import tiny_dict
 from fdfast.cli import export as export_cli
 from fdfast.cli import train as train_cli
-from fdfast.config import ConfigError, config_from_dict, load_config
+from fdfast.config import ConfigError, TeacherConfig, config_from_dict, load_config
+from fdfast.config.load import to_dict, without_command_line_keys
+from fdfast.resume import config_changes
 from fdfast.distributed import DistInfo
 from fdfast.errors import UserError
 from fdfast.interop.heads_export import read_heads
@@ -252,6 +255,20 @@ def test_fdfast_train_with_the_shipped_two_teacher_config_logs_each_teachers_los
     # the run's records name every teacher's weights (random here: no file, no hash)
     assert json.loads((shipped_run / "summary.json").read_text())["teacher_sha256"] == {"siglip2": None,
                                                                                         "dinov2": None}
+
+
+def test_the_records_of_several_teachers_hold_no_unused_model_teacher(shipped_run):
+    """config.yaml and the checkpoint's config name the run's teachers only: model.teacher at its defaults
+    would read as a CLIP B/16 teacher that the run never used."""
+    saved = yaml.safe_load((shipped_run / "config.yaml").read_text())
+    assert "teacher" not in saved["model"] and [t["name"] for t in saved["model"]["teachers"]] == ["siglip2", "dinov2"]
+    state = torch.load(next((shipped_run / "checkpoints").glob("step_*")) / "state.pt", weights_only=True)
+    assert "teacher" not in state["config"]["model"]
+    cfg = load_config(shipped_run / "config.yaml")  # read back: the unused section is its default again
+    assert cfg.model.teacher == TeacherConfig() and [t.name for t in cfg.model.teachers] == ["siglip2", "dinov2"]
+    # a checkpoint of an earlier version, which wrote the unused section, is not a config change on resume
+    earlier = {**state["config"], "model": {**state["config"]["model"], "teacher": to_dict(TeacherConfig())}}
+    assert config_changes(without_command_line_keys(earlier), to_dict(cfg)) == []
 
 
 def test_export_writes_the_backbone_and_each_teachers_head(shipped_run, tmp_path, capsys, caplog):

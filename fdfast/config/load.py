@@ -113,8 +113,10 @@ COMMAND_LINE_KEYS = {"model.trust_pickle": TRUST_SWITCH, "model.pretrained_trust
 
 def without_command_line_keys(data: Mapping) -> dict:
     """A copy of a saved config (a checkpoint's, a run's ``config.yaml``) without :data:`COMMAND_LINE_KEYS`,
-    which earlier versions wrote there: read back, they would grant what only the command line may grant."""
-    data = copy.deepcopy(dict(data))
+    which earlier versions wrote there: read back, they would grant what only the command line may grant.
+    Earlier versions also wrote ``model.teacher`` at its defaults beside ``model.teachers``: dropped as well,
+    as :func:`to_dict` does."""
+    data = _without_unused_teacher(copy.deepcopy(dict(data)))
     for key in COMMAND_LINE_KEYS:
         *parents, leaf = key.split(".")
         node: Any = data
@@ -327,8 +329,17 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
     return config_from_dict(data)
 
 
+def _without_unused_teacher(data: dict) -> dict:
+    model = data.get("model")
+    if isinstance(model, dict) and model.get("teachers"):
+        model.pop("teacher", None)  # at its defaults (ModelConfig refuses both): it would read as a CLIP teacher
+    return data
+
+
 def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    """A config as saved (config.yaml, checkpoints, trackers): every field, but a run of several teachers
+    without the unused ``model.teacher`` section."""
+    return _without_unused_teacher(dataclasses.asdict(cfg))
 
 
 def dump_config(cfg: FDConfig, path: str | Path) -> None:
