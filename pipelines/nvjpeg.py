@@ -40,7 +40,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from fdfast.config.data import DataConfig
 
-from .base import CROP_RATIO, LoaderRequest
+from .base import CROP_RATIO, LoaderRequest, batches_in_flight
 from .folder import next_readable, why_undecodable
 from .torchvision import _ShardedFolderLoader
 
@@ -225,7 +225,8 @@ class NvJPEGLoader(_ShardedFolderLoader):
             with ThreadPoolExecutor(self.num_threads, thread_name_prefix="nvjpeg-read") as pool:
                 pending: deque = deque()  # (batch, futures of its file reads), in order
                 todo = iter(batches)
-                for _ in range(len(batches)):
+                in_flight = batches_in_flight(self.data)
+                for position in range(len(batches)):
                     while len(pending) <= self.prefetch:
                         batch = next(todo, None)
                         if batch is None:
@@ -236,13 +237,14 @@ class NvJPEGLoader(_ShardedFolderLoader):
                     datas = [f.result() if f is not None else None for f in futures]
                     if stop.is_set():
                         return
+                    following = batches[position + 1:position + 1 + in_flight]  # where a bad file sends the error
                     if stream is not None:
                         with torch.cuda.stream(stream):
-                            images, labels = self._decode_batch(batch, datas)
+                            images, labels = self._decode_batch(batch, datas, following)
                             event = torch.cuda.Event()
                             event.record(stream)
                     else:
-                        images, labels = self._decode_batch(batch, datas)
+                        images, labels = self._decode_batch(batch, datas, following)
                         event = None
                     if not self._put(q, (images, labels, event), stop):
                         return
@@ -288,14 +290,15 @@ class NvJPEGLoader(_ShardedFolderLoader):
                     bad.append((paths[k], why_undecodable(paths[k], e)))
         return out, bad
 
-    def _decode_batch(self, batch: list[tuple[int, int]], datas: list[Optional[bytearray]]):
+    def _decode_batch(self, batch: list[tuple[int, int]], datas: list[Optional[bytearray]], following: list):
         r, data = self.request, self.data
         dev = self.device
         indices = [idx for idx, _ in batch]
         paths = [self.samples[idx][0] if idx >= 0 else "" for idx in indices]
         labels = [self.samples[idx][1] if idx >= 0 else -1 for idx in indices]
         imgs, bad = self.decode(datas, paths)
-        self.bad_images.handle(bad)                  # error: raises, naming them
+        # error: raises, naming them and the bad files of the batches in flight after this one
+        self.bad_images.handle(self.with_files_ahead(bad, [i for b in following for i, _ in b]))
         for k in range(len(batch) if bad else 0):
             if imgs[k] is not None or indices[k] < 0:
                 continue

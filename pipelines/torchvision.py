@@ -185,15 +185,20 @@ class _ShardedFolderLoader:
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.epoch, self.sampler.start = epoch, start_batch
 
+    def with_files_ahead(self, bad: list[tuple[str, str]], ahead: list[int]) -> list[tuple[str, str]]:
+        """``bad`` (found in one batch), and under ``data.on_bad_image=error`` the bad files among the samples
+        ``ahead`` (the batches in flight after it), decoded here with PIL: the error then names all of them."""
+        if not bad or self.bad_images.skip:
+            return bad
+        return bad + find_undecodable([self.samples[i][0] for i in ahead if i >= 0])
+
     def with_batches_in_flight(self, bad: list[tuple[str, str]], batch: int) -> list[tuple[str, str]]:
-        """``bad`` (found in batch ``batch`` of this pass), and under ``data.on_bad_image=error`` the bad files
-        of the batches in flight after it, decoded here with PIL: the error then names all of them."""
+        """:meth:`with_files_ahead` for batch ``batch`` of the sampler's pass (while the pass runs)."""
         if not bad or self.bad_images.skip:
             return bad
         bs = self.request.batch_size
         order = self.sampler.indices()[(self.sampler.start + batch + 1) * bs:]
-        ahead = [self.samples[i][0] for i in order[:batches_in_flight(self.data) * bs] if i >= 0]
-        return bad + find_undecodable(ahead)
+        return self.with_files_ahead(bad, order[:batches_in_flight(self.data) * bs])
 
 
 class TorchvisionLoader(_ShardedFolderLoader):

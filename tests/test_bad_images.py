@@ -209,7 +209,7 @@ def test_one_pixel_limit_and_one_message_in_every_backend(backend, tmp_path, mon
     assert f"{w} x {h} = 1,920 pixels is over the limit of 1,500 pixels (a decompression bomb?)" in str(err.value)
 
 
-@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_error_names_the_bad_files_of_the_batches_in_flight(backend, damaged):
     """Small batches: the three bad files (sample 3, 9 and 12 in folder order) sit in batches 0, 2 and 3."""
     with pytest.raises(DataError) as err:
