@@ -118,13 +118,20 @@ def without_command_line_keys(data: Mapping) -> dict:
     as :func:`to_dict` does."""
     data = _without_unused_teacher(copy.deepcopy(dict(data)))
     for key in COMMAND_LINE_KEYS:
-        *parents, leaf = key.split(".")
-        node: Any = data
-        for p in parents:
-            node = node.get(p) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(leaf, None)
+        pop_key(data, key)
     return data
+
+
+def pop_key(data: dict, key: str) -> tuple[bool, Any]:
+    """Remove the dotted ``key`` (``model.trust_pickle``) from the nested mapping ``data``:
+    ``(True, its value)``, or ``(False, None)`` where it is absent."""
+    *parents, leaf = key.split(".")
+    node: Any = data
+    for p in parents:
+        node = node.get(p) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or leaf not in node:
+        return False, None
+    return True, node.pop(leaf)
 
 
 def _unknown_key_error(cls: type, key: str, prefix: str) -> ConfigError:

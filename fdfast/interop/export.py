@@ -25,7 +25,7 @@ import torch.nn as nn
 from .. import checkpoint as ckpt
 from ..files import atomic_write
 from ..config import FDConfig, config_from_dict
-from ..config.load import MOVED_KEYS, without_command_line_keys
+from ..config.load import MOVED_KEYS, pop_key, without_command_line_keys
 from ..constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from ..errors import ConfigError, UserError
 from ..models.student import build_student, timm_kwargs
@@ -278,17 +278,11 @@ def _with_moved_keys(data: Mapping) -> dict:
     the keys only the command line may set (``model.trust_pickle``: ignored, never obeyed)."""
     data = without_command_line_keys(data)
     for old, new in MOVED_KEYS.items():
-        *parents, leaf = old.split(".")
-        node: Any = data
-        for p in parents:
-            node = node.get(p) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or leaf not in node:
-            continue
-        value = node.pop(leaf)
-        if new.startswith("("):  # removed, nothing to carry over
+        found, value = pop_key(data, old)
+        if not found or new.startswith("("):  # absent, or removed: nothing to carry over
             continue
         *parents, leaf = new.split(".")
-        node = data
+        node: Any = data
         for p in parents:
             node = node.setdefault(p, {})
         node.setdefault(leaf, value)
