@@ -170,8 +170,9 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, state: dict, *, ra
     if rank == 0:
         try:
             rng_files = [f"rng_rank{r}.pt" for r in range(world_size)]
+            existing = list_checkpoints(output_dir)  # oldest first: the last one holds the highest sequence
             meta = {"step": step, "world_size": world_size, "config": config, **_position(state, step),
-                    "seq": 1 + max((_order_key(p)[0] for _, p in list_checkpoints(output_dir)), default=0)}
+                    "seq": 1 + (_order_key(existing[-1][1])[0] if existing else 0)}
             final = _folder_for(root, step, meta)
             _publish(tmp, final, {"format": FORMAT, "version": VERSION, **state}, rng_files, meta)
             _prune(root, keep)
